@@ -1,0 +1,177 @@
+"""Orbax checkpoints of a run directory (the only module that imports orbax).
+
+    <workdir>/checkpoints/epochs/<epoch>/  params + meta, one per epoch, all kept
+    <workdir>/checkpoints/state/<step>/    params + training state + meta, the latest two
+
+`meta` is JSON: the config, the vocabulary, the corpus's sha256, the epoch and step, and a
+sha256 of the saved arrays, so a damaged checkpoint is detected instead of giving wrong weights.
+Everything sampling needs is in each checkpoint; the training state (optimizer state, carry,
+position in the epoch) is what a resumed run needs on top.
+"""
+
+import hashlib
+from pathlib import Path
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+
+from charlstm_jax.errors import UserError
+
+EPOCHS = "checkpoints/epochs"
+STATE = "checkpoints/state"
+
+
+class CheckpointError(UserError):
+    """No usable checkpoint where one was asked for; the message names what was looked for."""
+
+
+def tree_sha256(tree) -> str:
+    """A sha256 over a tree's arrays (shapes, dtypes and bytes, in tree order)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree_util.tree_leaves(tree):
+        array = np.asarray(jax.device_get(leaf))
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(np.ascontiguousarray(array).tobytes())
+    return digest.hexdigest()
+
+
+def _manager(directory: Path, max_to_keep: int | None, read_only: bool):
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        create=not read_only,
+        read_only=read_only,
+        cleanup_tmp_directories=not read_only,
+    )
+    return ocp.CheckpointManager(
+        directory.absolute(), options=options, item_names=("params", "state", "meta")
+    )
+
+
+def _restore_args(abstract_params, abstract_state=None):
+    items = {
+        "params": ocp.args.StandardRestore(abstract_params),
+        "meta": ocp.args.JsonRestore(),
+    }
+    if abstract_state is not None:
+        items["state"] = ocp.args.StandardRestore(abstract_state)
+    return ocp.args.Composite(**items)
+
+
+class RunCheckpoints:
+    """The checkpoints of one run directory: every epoch's weights and the latest state."""
+
+    def __init__(self, workdir: str | Path, read_only: bool = False):
+        self.workdir = Path(workdir)
+        self.read_only = read_only
+        self._epochs = _manager(self.workdir / EPOCHS, None, read_only)
+        self._state = _manager(self.workdir / STATE, 2, read_only)
+
+    def epochs(self) -> list[int]:
+        """The epochs that have a complete checkpoint, ascending."""
+        return sorted(self._epochs.all_steps())
+
+    def state_steps(self) -> list[int]:
+        """The steps that have a complete training-state checkpoint, ascending."""
+        return sorted(self._state.all_steps())
+
+    def save_epoch(self, epoch: int, params, meta: dict) -> None:
+        """Keep epoch `epoch`'s weights with `meta` (written in the background)."""
+        meta = dict(meta, params_sha256=tree_sha256(params))
+        self._epochs.save(
+            epoch,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)
+            ),
+        )
+
+    def save_state(self, step: int, params, state, meta: dict) -> None:
+        """Keep the full training state at global step `step` (written in the background)."""
+        meta = dict(meta, params_sha256=tree_sha256(params), state_sha256=tree_sha256(state))
+        self._state.save(
+            step,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params),
+                state=ocp.args.StandardSave(state),
+                meta=ocp.args.JsonSave(meta),
+            ),
+            force=True,
+        )
+
+    def wait(self) -> None:
+        """Block until every checkpoint write has finished."""
+        self._epochs.wait_until_finished()
+        self._state.wait_until_finished()
+
+    def close(self) -> None:
+        """Finish the writes and release the managers."""
+        self._epochs.close()
+        self._state.close()
+
+    def _where(self, kind: str, step: int) -> Path:
+        return self.workdir / (EPOCHS if kind == "epoch" else STATE) / str(step)
+
+    def read_meta(self, kind: str, step: int) -> dict:
+        """The JSON meta of a checkpoint (`kind` is "epoch" or "state")."""
+        manager = self._epochs if kind == "epoch" else self._state
+        where = self._where(kind, step)
+        try:
+            meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+            return dict(meta["meta"])
+        except Exception as error:
+            raise CheckpointError(
+                f"The checkpoint {where} is damaged: its meta could not be read "
+                f"({type(error).__name__}); delete that directory to use an earlier one."
+            ) from None
+
+    def _restore(self, kind: str, step: int, abstract_params, abstract_state=None):
+        manager = self._epochs if kind == "epoch" else self._state
+        where = self._where(kind, step)
+        try:
+            restored = manager.restore(step, args=_restore_args(abstract_params, abstract_state))
+        except Exception as error:
+            raise CheckpointError(
+                f"The checkpoint {where} is damaged or does not fit this model "
+                f"({type(error).__name__}: {str(error).splitlines()[0][:200]}); "
+                "delete that directory to use an earlier one."
+            ) from None
+        meta = dict(restored["meta"])
+        checks = [("params", restored["params"])]
+        if abstract_state is not None:
+            checks.append(("state", restored["state"]))
+        for name, tree in checks:
+            if tree_sha256(tree) != meta.get(f"{name}_sha256"):
+                raise CheckpointError(
+                    f"The checkpoint {where} is damaged: its {name} do not match the sha256 "
+                    "written with them; delete that directory to use an earlier one."
+                )
+        return restored["params"], restored.get("state"), meta
+
+    def restore_epoch(self, epoch: int, abstract_params):
+        """`(params, meta)` of epoch `epoch`, restored onto `abstract_params`' shardings."""
+        params, _, meta = self._restore("epoch", epoch, abstract_params)
+        return params, meta
+
+    def restore_latest_state(self, abstract_params, abstract_state):
+        """`(params, state, meta)` of the newest intact training state, else None.
+
+        A damaged newest checkpoint is skipped with a warning for the one before it.
+        """
+        steps = self.state_steps()
+        for step in reversed(steps):
+            try:
+                return self._restore("state", step, abstract_params, abstract_state)
+            except CheckpointError as error:
+                if step == steps[0]:
+                    raise
+                logging.warning("%s Falling back to the checkpoint before it.", error)
+        return None
+
+
+def abstract_tree(tree, sharding=None):
+    """`ShapeDtypeStruct`s of a tree's arrays, placed on `sharding` (default: first device)."""
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    return jax.tree_util.tree_map(
+        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
+    )

@@ -1,0 +1,74 @@
+"""The base configuration (the reference run's hyper-parameters) and the checks of its values."""
+
+import ml_collections
+
+from charlstm_jax.errors import UserError
+
+
+def get_config() -> ml_collections.ConfigDict:
+    """The reference run of "LSTM Writes Animal Farm"; every configs/*.py starts from this."""
+    config = ml_collections.ConfigDict()
+    # Data.
+    config.corpus = "animal_farm"  # a known corpus (see data.CORPORA), fetched into data_dir
+    config.data_path = ""  # any UTF-8 text file; when set it replaces `corpus`
+    config.data_dir = "data"  # where known corpora are looked for and downloaded to
+    config.validation_split = 0.1  # the tail of the text that validates, as the reference
+    # Model: the reference's nn.LSTM(vocab, 512, num_layers=2, dropout=0.5) + Linear.
+    config.num_layers = 2
+    config.hidden_size = 512
+    config.drop_prob = 0.5  # between layers and on the top layer's outputs
+    # Training: the reference's Adam with global-norm clipping, truncated BPTT over windows.
+    config.epochs = 30
+    config.batch_size = 16  # rows of the stateful streams
+    config.window = 100  # characters per row per step (the BPTT length)
+    config.learning_rate = 1e-3
+    config.clip = 5.0  # max global gradient norm
+    config.validation_counts = 10  # steps between validation passes and log lines
+    config.seed = 0  # params init and dropout keys
+    config.skip_nonfinite = False  # False: stop on a non-finite loss; True: skip such updates
+    # Engine.
+    config.fused_backward = True  # hand-written LSTM backward pass (same gradients, faster)
+    config.unroll = 1  # time steps per loop iteration in the scans
+    return config
+
+
+_POSITIVE_INTS = (
+    "num_layers",
+    "hidden_size",
+    "epochs",
+    "batch_size",
+    "window",
+    "validation_counts",
+    "unroll",
+)
+
+
+class ConfigError(UserError):
+    """A configuration value is out of range; the message says which and what to do."""
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+    """Raise `ConfigError` with one clear sentence for the first out-of-range value."""
+    known = set(get_config().keys())
+    unknown = sorted(set(config.keys()) - known)
+    if unknown:
+        raise ConfigError(
+            f"Unknown config key(s) {', '.join(unknown)}; "
+            f"known keys are {', '.join(sorted(known))}."
+        )
+    for key in _POSITIVE_INTS:
+        value = config[key]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ConfigError(f"config.{key} must be a positive integer, got {value!r}.")
+    if not 0.0 < config.validation_split < 1.0:
+        raise ConfigError(
+            f"config.validation_split must lie in (0, 1), got {config.validation_split!r}."
+        )
+    if not 0.0 <= config.drop_prob < 1.0:
+        raise ConfigError(f"config.drop_prob must lie in [0, 1), got {config.drop_prob!r}.")
+    if not config.clip > 0:
+        raise ConfigError(f"config.clip must be positive, got {config.clip!r}.")
+    if not config.learning_rate > 0:
+        raise ConfigError(f"config.learning_rate must be positive, got {config.learning_rate!r}.")
+    if not config.data_path and not config.corpus:
+        raise ConfigError("Set config.data_path to a text file or config.corpus to a known corpus.")

@@ -1,0 +1,79 @@
+"""The run's metrics on disk: `metrics.csv` (the reference's table) and TensorBoard scalars."""
+
+import csv
+import math
+from pathlib import Path
+
+COLUMNS = ("Epoch", "Run", "Step", "TrainLoss", "ValidationLoss", "TrainBPC", "ValidationBPC")
+METRICS_CSV = "metrics.csv"
+TENSORBOARD_DIR = "tensorboard"
+
+
+def bits_per_char(loss_nats: float) -> float:
+    """Cross-entropy in nats per character as bits per character."""
+    return loss_nats / math.log(2)
+
+
+def read_metrics(workdir: str | Path) -> list[dict]:
+    """The rows of a run's `metrics.csv`, numbers parsed; empty when there is none."""
+    path = Path(workdir) / METRICS_CSV
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    ints = {"Epoch", "Run", "Step"}
+    return [{k: int(v) if k in ints else float(v) for k, v in row.items()} for row in rows]
+
+
+class MetricsWriter:
+    """Appends validation rows to `metrics.csv` and TensorBoard as the run goes.
+
+    On resume from global step `resume_step`, rows logged after it (by a run that died before
+    its next checkpoint) are dropped, so the table reads as if the run had never stopped.
+    """
+
+    def __init__(self, workdir: str | Path, resume_step: int = 0):
+        from tensorboardX import SummaryWriter
+
+        workdir = Path(workdir)
+        self._csv_path = workdir / METRICS_CSV
+        kept = [row for row in read_metrics(workdir) if row["Step"] <= resume_step]
+        with open(self._csv_path, "w", newline="") as f:
+            writer = csv.DictWriter(f, COLUMNS)
+            writer.writeheader()
+            writer.writerows(kept)
+        self._tensorboard = SummaryWriter(
+            str(workdir / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None
+        )
+
+    def write(self, epoch: int, run: int, step: int, train_loss: float, valid_loss: float):
+        """Record one validation point (losses in nats per character)."""
+        row = {
+            "Epoch": epoch,
+            "Run": run,
+            "Step": step,
+            "TrainLoss": train_loss,
+            "ValidationLoss": valid_loss,
+            "TrainBPC": bits_per_char(train_loss),
+            "ValidationBPC": bits_per_char(valid_loss),
+        }
+        with open(self._csv_path, "a", newline="") as f:
+            csv.DictWriter(f, COLUMNS).writerow(row)
+        scalars = {
+            "Loss/train": train_loss,
+            "Loss/valid": valid_loss,
+            "BPC/train": row["TrainBPC"],
+            "BPC/valid": row["ValidationBPC"],
+        }
+        for name, value in scalars.items():
+            self._tensorboard.add_scalar(name, value, step)
+        self._tensorboard.flush()
+        return row
+
+    def write_speed(self, step: int, chars_per_second: float) -> None:
+        """Record training speed (characters per second) at `step`."""
+        self._tensorboard.add_scalar("Speed/chars_per_second", chars_per_second, step)
+
+    def close(self) -> None:
+        """Flush and close the TensorBoard writer."""
+        self._tensorboard.close()

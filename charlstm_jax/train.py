@@ -1,0 +1,363 @@
+"""Training: train state, the jitted train and eval steps, and `train_and_evaluate`.
+
+One step is one window of every stream: the carry comes in, is threaded through the window and
+goes out (gradients stopped), so batch `n + 1` starts where batch `n` ended; each epoch starts
+from a zero carry. Every `validation_counts` steps, and at each epoch's end, a jitted pass over
+the whole validation tail from a fresh carry. A workdir is one run: running again resumes it.
+"""
+
+import signal
+import time
+from pathlib import Path
+
+import filelock
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+from flax.training import train_state
+from tqdm import tqdm
+
+from charlstm_jax import checkpoint, data
+from charlstm_jax.config import validate_config
+from charlstm_jax.errors import UserError
+from charlstm_jax.metrics import MetricsWriter, bits_per_char
+from charlstm_jax.model import CharLSTM
+
+# Config keys a resumed run may change: the rest must match its checkpoint.
+RESUMABLE_CHANGES = ("epochs", "data_path", "data_dir")
+
+
+class TrainingError(UserError):
+    """Training cannot go on (a locked or mismatched workdir, a non-finite loss)."""
+
+
+class TrainState(train_state.TrainState):
+    """Params, optimizer state and global step (flax's TrainState)."""
+
+
+def create_model(config: ml_collections.ConfigDict, vocab_size: int) -> CharLSTM:
+    """The config's `CharLSTM` for a vocabulary of `vocab_size` characters."""
+    return CharLSTM(
+        vocab_size=vocab_size,
+        hidden_size=config.hidden_size,
+        num_layers=config.num_layers,
+        drop_prob=config.drop_prob,
+        fused_backward=config.fused_backward,
+        unroll=config.unroll,
+    )
+
+
+def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
+    """The reference's optimizer: clip by global norm `clip`, then Adam at `learning_rate`."""
+    return optax.chain(optax.clip_by_global_norm(config.clip), optax.adam(config.learning_rate))
+
+
+def create_train_state(config, vocab_size: int, key: jax.Array) -> TrainState:
+    """A fresh train state: params initialised from `key`, step 0."""
+    model = create_model(config, vocab_size)
+    carry = model.initialize_carry(1)
+    params = model.init(key, carry, jnp.zeros((1, 1), jnp.int32))["params"]
+    return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config))
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """Mean cross-entropy in nats of `logits[B, T, V]` against `targets[B, T]`."""
+    return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
+
+
+def train_step(state: TrainState, carry, inputs, targets, dropout_key):
+    """One optimizer step on `inputs[B, T]`, `targets[B, T]`; returns `(state, carry, metrics)`.
+
+    Dropout's key is `fold_in(dropout_key, step)`, so a resumed run draws the same masks. A
+    non-finite loss or gradient leaves the state unchanged and counts in `metrics["nonfinite"]`.
+    """
+    step_key = jax.random.fold_in(dropout_key, state.step)
+
+    def loss_fn(params):
+        new_carry, logits = state.apply_fn(
+            {"params": params}, carry, inputs, train=True, rngs={"dropout": step_key}
+        )
+        return cross_entropy(logits, targets), new_carry
+
+    (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
+    updated = state.apply_gradients(grads=grads)
+    state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
+    state = state.replace(step=updated.step)
+    metrics = {"loss": jnp.where(finite, loss, 0.0), "nonfinite": 1 - finite.astype(jnp.int32)}
+    return state, jax.lax.stop_gradient(new_carry), metrics
+
+
+def evaluate(apply_fn, params, inputs, targets, carry):
+    """Mean loss over every window of `inputs[N, R, T]` with `carry` threaded through.
+
+    The reference's validation: evaluation mode (no dropout), windows in order.
+    """
+
+    def body(carry, batch):
+        batch_inputs, batch_targets = batch
+        carry, logits = apply_fn({"params": params}, carry, batch_inputs, train=False)
+        return carry, cross_entropy(logits, batch_targets)
+
+    _, losses = jax.lax.scan(body, carry, (inputs, targets))
+    return losses.mean()
+
+
+def _check_resumable(config, meta: dict, dataset: data.Dataset, workdir: Path) -> None:
+    """Fail in one sentence when `config` or the text differ from the run being resumed."""
+    saved = meta["config"]
+    changed = [
+        k for k in saved if k not in RESUMABLE_CHANGES and k in config and config[k] != saved[k]
+    ]
+    if changed:
+        differences = ", ".join(f"{k}={config[k]!r} (run has {saved[k]!r})" for k in changed)
+        raise TrainingError(
+            f"{workdir} holds a run with other settings: {differences}; only epochs may change "
+            "on resume, so pass the run's values or choose a new --workdir."
+        )
+    if meta["corpus_sha256"] != dataset.sha256:
+        raise TrainingError(
+            f"{workdir} was trained on a text with sha256 {meta['corpus_sha256']}, but "
+            f"{dataset.path} has sha256 {dataset.sha256}; resume on the same text or choose a "
+            "new --workdir."
+        )
+
+
+class _StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.signal = None
+        self._previous = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, no graceful stop
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        if self.signal is not None:  # a second interrupt: stop now
+            raise KeyboardInterrupt
+        self.signal = signal.Signals(signum).name
+
+    def __exit__(self, *exc):
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def _lock(workdir: Path) -> filelock.BaseFileLock:
+    """Hold the run's lock; a second trainer on the same workdir gets a clear refusal."""
+    lock = filelock.FileLock(workdir / ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except filelock.Timeout:
+        raise TrainingError(
+            f"{workdir} is being trained by another process; wait for it to finish or stop it, "
+            "or choose another --workdir."
+        ) from None
+    return lock
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -> dict:
+    """Train the config's model in `workdir`, resuming the run there if it has one.
+
+    Returns a summary: final step and epoch, last train and validation loss, whether the run
+    was interrupted.
+    """
+    validate_config(config)
+    workdir = Path(workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    lock = _lock(workdir)
+    try:
+        return _train(config, workdir)
+    finally:
+        lock.release()
+
+
+def _train(config, workdir: Path) -> dict:
+    dataset = data.load_dataset(config)
+    checkpoints = checkpoint.RunCheckpoints(workdir)
+    try:
+        return _train_with(config, workdir, dataset, checkpoints)
+    finally:
+        checkpoints.close()
+
+
+def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> dict:
+    resumed_meta = None
+    if checkpoints.state_steps():
+        resumed_meta = checkpoints.read_meta("state", checkpoints.state_steps()[-1])
+        _check_resumable(config, resumed_meta, dataset, workdir)
+
+    root_key = jax.random.key(config.seed)
+    params_key, dropout_key = jax.random.split(root_key)
+    state = create_train_state(config, len(dataset.vocab), params_key)
+    model = create_model(config, len(dataset.vocab))
+    batch_size = config.batch_size
+    carry = model.initialize_carry(batch_size)
+    epoch, batch_index, loss_sum, loss_count = 1, 0, 0.0, 0
+    if resumed_meta:
+        saved = {"opt_state": state.opt_state, "step": state.step, "carry": carry}
+        restored = checkpoints.restore_latest_state(
+            checkpoint.abstract_tree(state.params), checkpoint.abstract_tree(saved)
+        )
+        params, saved, resumed_meta = restored
+        state = state.replace(params=params, opt_state=saved["opt_state"], step=saved["step"])
+        carry = saved["carry"]
+        loss_sum, loss_count = resumed_meta["loss_sum"], resumed_meta["loss_count"]
+        epoch, batch_index = resumed_meta["epoch"], resumed_meta["batch_index"]
+        logging.info("Resuming %s at epoch %d, step %d.", workdir, epoch, int(state.step))
+    else:
+        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
+        dataset.vocab.save(workdir / "vocab.json")
+
+    num_batches = len(dataset.train_inputs)
+    if batch_index >= num_batches:  # the saved state closed its epoch
+        epoch, batch_index = epoch + 1, 0
+        carry = model.initialize_carry(batch_size)
+    step = int(state.step)
+    metrics_writer = MetricsWriter(workdir, resume_step=step)
+    meta_base = {
+        "config": config.to_dict(),
+        "vocab": list(dataset.vocab.chars),
+        "corpus_sha256": dataset.sha256,
+        "corpus_path": str(dataset.path),
+    }
+    logging.info(
+        "Training on %s: %d characters, vocabulary %d, %d batches of %dx%d per epoch, "
+        "%d validation windows of %d rows.",
+        dataset.path,
+        dataset.num_chars,
+        len(dataset.vocab),
+        num_batches,
+        batch_size,
+        config.window,
+        len(dataset.valid_inputs),
+        dataset.valid_inputs.shape[1],
+    )
+
+    jit_train_step = jax.jit(train_step, donate_argnums=(0, 1))
+    jit_evaluate = jax.jit(evaluate, static_argnums=0)
+    valid_inputs, valid_targets = (
+        jnp.asarray(dataset.valid_inputs),
+        jnp.asarray(dataset.valid_targets),
+    )
+    valid_carry = model.initialize_carry(dataset.valid_inputs.shape[1])
+    pending = []  # per-step device metrics, summed on the host only at log time
+    last = {"train_loss": None, "valid_loss": None}
+
+    def log_validation(run: int) -> None:
+        nonlocal loss_sum, loss_count
+        host = jax.device_get(pending)
+        pending.clear()
+        nonfinite = sum(int(m["nonfinite"]) for m in host)
+        if nonfinite and not config.skip_nonfinite:
+            raise TrainingError(
+                f"The training loss became non-finite near step {step} (epoch {epoch}); the "
+                "update was skipped and the last good checkpoint is kept: lower learning_rate, "
+                "or set --config.skip_nonfinite=True to skip such updates and go on."
+            )
+        for m in host:  # one addition per step, so a resumed run sums in the same order
+            loss_sum += float(m["loss"])
+        loss_count += len(host) - nonfinite
+        train_loss = loss_sum / max(loss_count, 1)
+        valid_loss = float(
+            jit_evaluate(model.apply, state.params, valid_inputs, valid_targets, valid_carry)
+        )
+        loss_sum, loss_count = 0.0, 0
+        metrics_writer.write(epoch, run, step, train_loss, valid_loss)
+        logging.info(
+            "Epoch %d/%d step %d | Training loss %.4f | Validation loss %.4f (%.3f bits/char)%s",
+            epoch,
+            run,
+            step,
+            train_loss,
+            valid_loss,
+            bits_per_char(valid_loss),
+            f" | {nonfinite} non-finite updates skipped" if nonfinite else "",
+        )
+        last.update(train_loss=train_loss, valid_loss=valid_loss)
+
+    def save_state(next_batch: int) -> None:
+        host = jax.device_get(pending)  # fold pending metrics into the saved sums
+        pending.clear()
+        nonlocal loss_sum, loss_count
+        for m in host:
+            loss_sum += float(m["loss"])
+            loss_count += 1 - int(m["nonfinite"])
+        saved = {"opt_state": state.opt_state, "step": state.step, "carry": carry}
+        meta = dict(meta_base, epoch=epoch, batch_index=next_batch, step=step)
+        meta.update(loss_sum=loss_sum, loss_count=loss_count)
+        checkpoints.save_state(step, state.params, saved, meta)
+
+    interrupted = None
+    chars_per_step = batch_size * config.window
+    with _StopRequest() as stop:
+        while epoch <= config.epochs and interrupted is None:
+            bar = tqdm(
+                total=num_batches,
+                initial=batch_index,
+                desc=f"epoch {epoch}/{config.epochs}",
+                unit="step",
+                leave=False,
+                dynamic_ncols=True,
+            )
+            started, started_step = time.perf_counter(), step
+            while batch_index < num_batches:
+                state, carry, metrics = jit_train_step(
+                    state,
+                    carry,
+                    dataset.train_inputs[batch_index],
+                    dataset.train_targets[batch_index],
+                    dropout_key,
+                )
+                pending.append(metrics)
+                if len(pending) > 2:  # keep the progress bar honest, two steps in flight
+                    jax.block_until_ready(pending[-3]["loss"])
+                batch_index += 1
+                step += 1
+                bar.update(1)
+                if batch_index % config.validation_counts == 0 or batch_index == num_batches:
+                    log_validation(batch_index)
+                    speed = (step - started_step) * chars_per_step / (time.perf_counter() - started)
+                    metrics_writer.write_speed(step, speed)
+                    bar.set_postfix(loss=f"{last['train_loss']:.3f}", chars_per_s=f"{speed:.0f}")
+                if stop.signal and batch_index < num_batches:
+                    interrupted = stop.signal
+                    break
+            bar.close()
+            if interrupted:
+                save_state(batch_index)
+                break
+            meta = dict(meta_base, epoch=epoch, step=step, valid_loss=last["valid_loss"])
+            checkpoints.save_epoch(epoch, state.params, meta)
+            save_state(num_batches)
+            if stop.signal:
+                interrupted = stop.signal
+                break
+            epoch, batch_index = epoch + 1, 0
+            carry = model.initialize_carry(batch_size)
+    checkpoints.wait()
+    metrics_writer.close()
+    if interrupted:
+        logging.warning(
+            "Stopped by %s at epoch %d, step %d; the state is saved in %s: run the same command "
+            "again to resume.",
+            interrupted,
+            epoch,
+            step,
+            workdir,
+        )
+    return {
+        "step": step,
+        "epoch": min(epoch, config.epochs),
+        "train_loss": last["train_loss"],
+        "valid_loss": last["valid_loss"],
+        "interrupted": interrupted,
+        "workdir": str(workdir),
+    }

@@ -1,0 +1,88 @@
+"""The CharLSTM: shapes, carry threading, the one-hot input, the hand-written backward pass."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from charlstm_jax.model import CharLSTM, count_params
+
+V, H, L, B, T = 11, 16, 2, 3, 8
+
+
+@pytest.fixture(scope="module")
+def model_and_params():
+    model = CharLSTM(vocab_size=V, hidden_size=H, num_layers=L, drop_prob=0.5)
+    params = model.init(jax.random.key(0), model.initialize_carry(B), jnp.zeros((B, T), int))
+    return model, params["params"]
+
+
+def _ids(seed, shape=(B, T)):
+    return jax.random.randint(jax.random.key(seed), shape, 0, V)
+
+
+def test_shapes_and_parameter_count(model_and_params):
+    model, params = model_and_params
+    carry, logits = model.apply({"params": params}, model.initialize_carry(B), _ids(1))
+    assert logits.shape == (B, T, V)
+    assert len(carry) == L and all(c.shape == h.shape == (B, H) for c, h in carry)
+    # PyTorch's count for nn.LSTM(V, H, 2) + Linear(H, V), less one bias vector per layer.
+    torch_count = 4 * H * (V + H + 2) + 4 * H * (H + H + 2) + H * V + V
+    assert count_params(params) == torch_count - 2 * 4 * H
+
+
+def test_two_half_windows_equal_one_full_window(model_and_params):
+    model, params = model_and_params
+    ids = _ids(2)
+    carry0 = model.initialize_carry(B)
+    full_carry, full = model.apply({"params": params}, carry0, ids)
+    carry, first = model.apply({"params": params}, carry0, ids[:, : T // 2])
+    carry, second = model.apply({"params": params}, carry, ids[:, T // 2 :])
+    np.testing.assert_allclose(jnp.concatenate([first, second], 1), full, atol=1e-6)
+    for (c1, h1), (c2, h2) in zip(carry, full_carry, strict=True):
+        np.testing.assert_allclose(c1, c2, atol=1e-6)
+        np.testing.assert_allclose(h1, h2, atol=1e-6)
+
+
+def test_first_layer_gather_equals_one_hot_product(model_and_params):
+    model, params = model_and_params
+    ids = _ids(3)
+    layer = params["lstm_0"]
+    gathered = jnp.take(layer["input_kernel"], ids, axis=0)
+    one_hot = jax.nn.one_hot(ids, V) @ layer["input_kernel"]
+    np.testing.assert_allclose(gathered, one_hot, atol=1e-7)
+
+
+def test_dropout_acts_only_in_training(model_and_params):
+    model, params = model_and_params
+    ids, carry = _ids(4), model.initialize_carry(B)
+    _, eval1 = model.apply({"params": params}, carry, ids, train=False)
+    _, eval2 = model.apply({"params": params}, carry, ids, train=False)
+    np.testing.assert_array_equal(eval1, eval2)
+    rngs = {"dropout": jax.random.key(5)}
+    _, train1 = model.apply({"params": params}, carry, ids, train=True, rngs=rngs)
+    assert not np.allclose(train1, eval1)
+
+
+def test_fused_backward_equals_autodiff(model_and_params):
+    """The hand-written backward pass gives autodiff's gradients, carry included."""
+    model, params = model_and_params
+    ids, targets = _ids(6), _ids(7)
+    # A non-zero incoming carry and a loss on the outgoing carry exercise every cotangent.
+    carry = jax.tree_util.tree_map(
+        lambda x: jax.random.normal(jax.random.key(8), x.shape), model.initialize_carry(B)
+    )
+
+    def loss(module, params, carry):
+        new_carry, logits = module.apply(
+            {"params": params}, carry, ids, train=True, rngs={"dropout": jax.random.key(9)}
+        )
+        log_probs = jax.nn.log_softmax(logits)
+        nll = -jnp.take_along_axis(log_probs, targets[..., None], -1).mean()
+        return nll + 0.1 * sum(jnp.sum(c**2) + jnp.sum(h) for c, h in new_carry)
+
+    fused = jax.grad(loss, argnums=(1, 2))(model, params, carry)
+    autodiff = jax.grad(loss, argnums=(1, 2))(model.clone(fused_backward=False), params, carry)
+    leaves = zip(jax.tree_util.tree_leaves(fused), jax.tree_util.tree_leaves(autodiff), strict=True)
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6)

@@ -1,0 +1,116 @@
+"""Training end to end: the loss falls, the run directory holds what the README says."""
+
+import math
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from charlstm_jax import checkpoint
+from charlstm_jax.data import Vocab
+from charlstm_jax.metrics import COLUMNS, read_metrics
+from charlstm_jax.train import train_and_evaluate
+from tests.conftest import REPO, shared_text
+
+
+def test_tiny_model_learns_a_repeated_phrase(tiny_config, phrase_file, tmp_path):
+    tiny_config.data_path = str(phrase_file)
+    tiny_config.epochs = 3
+    summary = train_and_evaluate(tiny_config, tmp_path / "run")
+    vocab_size = len(set(phrase_file.read_text()))
+    assert summary["train_loss"] < 0.25 * math.log(vocab_size)
+    assert summary["valid_loss"] < 0.25 * math.log(vocab_size)
+
+
+def test_short_run_on_animal_farm_leaves_checkpoints_events_and_metrics(tiny_config, tmp_path):
+    text = shared_text("animal_farm.txt").read_text()[:12_000]
+    corpus = tmp_path / "slice.txt"
+    corpus.write_text(text)
+    tiny_config.data_path = str(corpus)
+    tiny_config.epochs = 2
+    workdir = tmp_path / "run"
+    summary = train_and_evaluate(tiny_config, workdir)
+
+    steps_per_epoch = (int(len(text) * 0.9) - 1) // (4 * 16)
+    assert summary["step"] == 2 * steps_per_epoch
+    rows = read_metrics(workdir)
+    assert list(rows[0]) == list(COLUMNS)
+    validations = steps_per_epoch // 5 + (steps_per_epoch % 5 != 0)
+    assert len(rows) == 2 * validations
+    assert [r["Step"] for r in rows] == sorted(r["Step"] for r in rows)
+    for row in rows:
+        assert 0 < row["ValidationLoss"] < math.log(71) + 0.5
+        assert row["ValidationBPC"] == pytest.approx(row["ValidationLoss"] / math.log(2))
+    assert rows[-1]["ValidationLoss"] < rows[0]["ValidationLoss"]
+    assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert Vocab.load(workdir / "vocab.json") == Vocab.from_text(text)
+
+    checkpoints = checkpoint.RunCheckpoints(workdir, read_only=True)
+    assert checkpoints.epochs() == [1, 2]
+    meta = checkpoints.read_meta("epoch", 1)
+    assert meta["epoch"] == 1 and meta["step"] == steps_per_epoch
+    assert meta["config"]["hidden_size"] == 32 and len(meta["vocab"]) == len(set(text))
+    assert checkpoints.state_steps()[-1] == 2 * steps_per_epoch
+
+
+def test_a_checkpoint_even_with_fewer_steps_than_validation_counts(
+    tiny_config, phrase_file, tmp_path
+):
+    tiny_config.data_path = str(phrase_file)
+    tiny_config.validation_counts = 10_000
+    workdir = tmp_path / "run"
+    train_and_evaluate(tiny_config, workdir)
+    assert checkpoint.RunCheckpoints(workdir, read_only=True).epochs() == [1]
+    assert len(read_metrics(workdir)) == 1  # the epoch's end is always validated
+
+
+def test_training_is_deterministic(tiny_config, phrase_file, tmp_path):
+    tiny_config.data_path = str(phrase_file)
+    first = train_and_evaluate(tiny_config, tmp_path / "a")
+    second = train_and_evaluate(tiny_config, tmp_path / "b")
+    assert first["valid_loss"] == second["valid_loss"]
+    assert np.array_equal(
+        [r["TrainLoss"] for r in read_metrics(tmp_path / "a")],
+        [r["TrainLoss"] for r in read_metrics(tmp_path / "b")],
+    )
+    assert jax.devices()[0].platform == "cpu"
+
+
+def _train_cli(*args, cwd=REPO):
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--config.drop_prob=1.0", "config.drop_prob must lie in [0, 1)"),
+        ("--config.data_path=/nonexistent/novel.txt", "No text file at /nonexistent/novel.txt"),
+    ],
+)
+def test_cli_bad_input_is_one_sentence(flag, message, tmp_path):
+    result = _train_cli("--config", "configs/tiny.py", flag, "--workdir", str(tmp_path / "r"))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_trains_with_default_workdir(phrase_file, tmp_path):
+    (tmp_path / "configs").mkdir()
+    (tmp_path / "configs" / "mine.py").write_text((REPO / "configs" / "tiny.py").read_text())
+    result = _train_cli(
+        "--config",
+        "configs/mine.py",
+        "--config.epochs=1",
+        f"--config.data_path={phrase_file}",
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert checkpoint.RunCheckpoints(tmp_path / "runs" / "mine", read_only=True).epochs() == [1]
