@@ -11,13 +11,16 @@ position in the epoch) is what a resumed run needs on top.
 
 import hashlib
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from charlstm_jax.data import Vocab
 from charlstm_jax.errors import UserError
+from charlstm_jax.model import CharLSTM, model_from_config
 
 EPOCHS = "checkpoints/epochs"
 STATE = "checkpoints/state"
@@ -175,3 +178,75 @@ def abstract_tree(tree, sharding=None):
     return jax.tree_util.tree_map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
     )
+
+
+class LoadedCheckpoint(NamedTuple):
+    """What sampling and evaluation need from one checkpoint."""
+
+    model: CharLSTM
+    params: dict
+    vocab: Vocab
+    meta: dict
+    epoch: int
+
+
+def resolve_run(path: str | Path) -> tuple[Path, int | None]:
+    """`(workdir, epoch)` for a run directory, or for one epoch's checkpoint directory."""
+    path = Path(path)
+    if (path / "checkpoints").is_dir():
+        return path, None
+    if path.parent.name == "epochs" and path.parent.parent.name == "checkpoints":
+        if path.name.isdigit() and path.is_dir():
+            return path.parent.parent.parent, int(path.name)
+    raise CheckpointError(
+        f"No checkpoints at {path}: looked for {path / EPOCHS}/<epoch>; give a run directory "
+        "made by scripts/train.py (or scripts/convert_torch.py), or one epoch's checkpoint "
+        "directory inside it."
+    )
+
+
+def available_epochs(workdir: str | Path) -> list[int]:
+    """The epochs of a run that have a complete checkpoint."""
+    checkpoints = RunCheckpoints(workdir, read_only=True)
+    try:
+        return checkpoints.epochs()
+    finally:
+        checkpoints.close()
+
+
+def load_checkpoint(path: str | Path, epoch: int | str = "final") -> LoadedCheckpoint:
+    """Load one epoch's checkpoint onto this machine's first device (CPU, GPU or TPU).
+
+    `path` is a run directory or an epoch's checkpoint directory; `epoch` a number or "final"
+    (the last epoch saved). A checkpoint written on other devices restores here.
+    """
+    workdir, path_epoch = resolve_run(path)
+    checkpoints = RunCheckpoints(workdir, read_only=True)
+    try:
+        epochs = checkpoints.epochs()
+        if path_epoch is not None:
+            epoch = path_epoch
+        if not epochs:
+            raise CheckpointError(
+                f"{workdir} has no complete epoch checkpoint yet (looked in {workdir / EPOCHS}); "
+                "train at least one epoch first."
+            )
+        if epoch == "final":
+            epoch = epochs[-1]
+        if epoch not in epochs:
+            raise CheckpointError(
+                f"No checkpoint for epoch {epoch} in {workdir / EPOCHS}; epochs present: "
+                f"{', '.join(map(str, epochs))}."
+            )
+        meta = checkpoints.read_meta("epoch", epoch)
+        vocab = Vocab(meta["vocab"])
+        model = model_from_config(meta["config"], len(vocab))
+        abstract = jax.eval_shape(
+            lambda: model.init(
+                jax.random.key(0), model.initialize_carry(1), jax.numpy.zeros((1, 1), "int32")
+            )["params"]
+        )
+        params, meta = checkpoints.restore_epoch(epoch, abstract_tree(abstract))
+        return LoadedCheckpoint(model, params, vocab, meta, epoch)
+    finally:
+        checkpoints.close()

@@ -9,11 +9,11 @@ from absl import logging
 from charlstm_jax.errors import UserError
 
 
-class _OnlyOurInfo(std_logging.Filter):
-    """Lets INFO lines through only from this project; libraries (orbax) speak at WARNING+."""
+class _OnlyOurs(std_logging.Filter):
+    """Lets our INFO and WARNING lines through; libraries (orbax, jax) speak only at ERROR."""
 
     def filter(self, record):
-        if record.levelno >= std_logging.WARNING:
+        if record.levelno >= std_logging.ERROR:
             return True
         return "charlstm_jax" in record.pathname or "/scripts/" in record.pathname
 
@@ -24,7 +24,7 @@ def main_wrapper(main):
     @functools.wraps(main)
     def wrapped(argv):
         logging.set_verbosity(logging.INFO)
-        logging.get_absl_handler().addFilter(_OnlyOurInfo())
+        logging.get_absl_handler().addFilter(_OnlyOurs())
         try:
             return main(argv)
         except UserError as error:

@@ -219,9 +219,16 @@ class CharLSTM(nn.Module):
         )
 
 
-def zero_carry(num_layers: int, batch_size: int, hidden_size: int) -> Carry:
-    """A zero carry without a module instance (see `CharLSTM.initialize_carry`)."""
-    return CharLSTM(1, hidden_size, num_layers).initialize_carry(batch_size)
+def model_from_config(config, vocab_size: int) -> CharLSTM:
+    """The `CharLSTM` a config describes (a ConfigDict or the dict saved in a checkpoint)."""
+    return CharLSTM(
+        vocab_size=vocab_size,
+        hidden_size=config["hidden_size"],
+        num_layers=config["num_layers"],
+        drop_prob=config["drop_prob"],
+        fused_backward=config.get("fused_backward", True),
+        unroll=config.get("unroll", 1),
+    )
 
 
 def count_params(params) -> int:

@@ -23,7 +23,7 @@ from charlstm_jax import checkpoint, data
 from charlstm_jax.config import validate_config
 from charlstm_jax.errors import UserError
 from charlstm_jax.metrics import MetricsWriter, bits_per_char
-from charlstm_jax.model import CharLSTM
+from charlstm_jax.model import CharLSTM, model_from_config
 
 # Config keys a resumed run may change: the rest must match its checkpoint.
 RESUMABLE_CHANGES = ("epochs", "data_path", "data_dir")
@@ -39,14 +39,7 @@ class TrainState(train_state.TrainState):
 
 def create_model(config: ml_collections.ConfigDict, vocab_size: int) -> CharLSTM:
     """The config's `CharLSTM` for a vocabulary of `vocab_size` characters."""
-    return CharLSTM(
-        vocab_size=vocab_size,
-        hidden_size=config.hidden_size,
-        num_layers=config.num_layers,
-        drop_prob=config.drop_prob,
-        fused_backward=config.fused_backward,
-        unroll=config.unroll,
-    )
+    return model_from_config(config, vocab_size)
 
 
 def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
