@@ -5,16 +5,18 @@ Shapes: `V` vocabulary, `H` hidden size, `D` a layer's input size (`V` for the f
 `H` above it), `L` layers. PyTorch's `nn.LSTM` keeps, per layer `k`, `weight_ih_lk[4H, D]`,
 `weight_hh_lk[4H, H]`, `bias_ih_lk[4H]` and `bias_hh_lk[4H]`; `nn.Linear` keeps
 `weight[V, H]` and `bias[V]`. Both frameworks order the gates input, forget, cell, output along
-the `4H` axis, so the mapping is transposes and one sum:
+the `4H` axis, and our layers keep PyTorch's two biases (summed once inside the layer), so the
+mapping is transposes and copies:
 
     lstm_k.input_kernel[D, 4H]                    = weight_ih_lk.T
     lstm_k.recurrence.cell.recurrent_kernel[H, 4H] = weight_hh_lk.T
-    lstm_k.bias[4H]                               = bias_ih_lk + bias_hh_lk
+    lstm_k.input_bias[4H], lstm_k.recurrent_bias  = bias_ih_lk, bias_hh_lk
     head.kernel[H, V], head.bias[V]               = fc.weight.T, fc.bias
 
 The reference feeds one-hot vectors, so `one_hot(id) @ weight_ih_l0.T` is row `id` of
-`input_kernel`: our row gather is the same function. Going back, the sum cannot be split: we
-give PyTorch `bias_ih = bias` and `bias_hh = 0`, which computes the same function.
+`input_kernel`: our row gather is the same function. Keeping both biases (not their sum) makes
+Adam and global-norm clipping act on the same parameters as the reference's, so a training
+step lands on the same weights.
 
 The reference numbers its characters in the order of a Python `set`; ours are sorted. The
 mapping takes `reference_ids[V]`, the reference's id of each of our characters, and permutes the
@@ -81,8 +83,7 @@ def flax_from_torch_state_dict(state_dict, reference_ids=None) -> dict:
     """Our params tree from the reference's `state_dict` (`lstm.*`, `fc.*`; tensors or arrays).
 
     `reference_ids[V]`: the reference's id of each of our ids (identity when None). Works on
-    gradients too (a dict of `.grad`s under the same names): the bias entry is then the sum of
-    the two bias gradients.
+    gradients too (a dict of `.grad`s under the same names).
     """
     names = ["fc.weight", "fc.bias"]
     num_layers = _num_layers(state_dict)
@@ -133,7 +134,8 @@ def flax_from_torch_state_dict(state_dict, reference_ids=None) -> dict:
             input_kernel = input_kernel[reference_ids]
         params[f"lstm_{k}"] = {
             "input_kernel": input_kernel,
-            "bias": w[f"lstm.bias_ih_l{k}"] + w[f"lstm.bias_hh_l{k}"],
+            "input_bias": w[f"lstm.bias_ih_l{k}"],
+            "recurrent_bias": w[f"lstm.bias_hh_l{k}"],
             "recurrence": {"cell": {"recurrent_kernel": w[f"lstm.weight_hh_l{k}"].T}},
         }
     params["head"] = {
@@ -146,8 +148,7 @@ def flax_from_torch_state_dict(state_dict, reference_ids=None) -> dict:
 def torch_state_dict_from_flax(params, reference_ids=None) -> dict:
     """The reference's `state_dict` (torch tensors) from our params tree.
 
-    `reference_ids[V]`: the reference's id of each of our ids (identity when None). Our one bias
-    goes to `bias_ih` and `bias_hh` is zero: the sum, hence the function, is the same.
+    `reference_ids[V]`: the reference's id of each of our ids (identity when None).
     """
     import torch
 
@@ -165,13 +166,12 @@ def torch_state_dict_from_flax(params, reference_ids=None) -> dict:
             reordered = np.empty_like(input_kernel)
             reordered[order] = input_kernel
             input_kernel = reordered
-        bias = np.asarray(layer["bias"])
         state_dict[f"lstm.weight_ih_l{k}"] = tensor(input_kernel.T)
         state_dict[f"lstm.weight_hh_l{k}"] = tensor(
             np.asarray(layer["recurrence"]["cell"]["recurrent_kernel"]).T
         )
-        state_dict[f"lstm.bias_ih_l{k}"] = tensor(bias)
-        state_dict[f"lstm.bias_hh_l{k}"] = tensor(np.zeros_like(bias))
+        state_dict[f"lstm.bias_ih_l{k}"] = tensor(layer["input_bias"])
+        state_dict[f"lstm.bias_hh_l{k}"] = tensor(layer["recurrent_bias"])
     fc_weight = np.empty((vocab_size, head_kernel.shape[0]), np.float32)
     fc_weight[order] = head_kernel.T
     fc_bias = np.empty(vocab_size, np.float32)

@@ -2,8 +2,10 @@
 
 Shapes: `B` batch rows, `T` window (time steps), `H` hidden size, `V` vocabulary size.
 Gates are fused into one `[.., 4H]` product in PyTorch's order (input, forget, cell, output),
-with one bias per layer (PyTorch's `b_ih + b_hh`), so weights map one to one onto the
-reference's `nn.LSTM`.
+and each layer keeps PyTorch's two biases (`input_bias`, `recurrent_bias`): one bias would be
+the same function, but Adam and global-norm clipping treat two parameters differently from
+their sum, and training must follow the reference step for step. So weights map one to one
+onto the reference's `nn.LSTM`.
 
 Speed (see README, Performance): each layer's input product is taken out of the time loop
 (one large product for all steps; for the first layer the one-hot product is a row gather),
@@ -24,16 +26,11 @@ LayerCarry = tuple[jax.Array, jax.Array]
 Carry = tuple[LayerCarry, ...]
 
 
-def torch_uniform(bound: float, draws: int = 1):
-    """PyTorch's LSTM/Linear initialiser: U(-bound, bound), summed over `draws` draws.
-
-    PyTorch keeps two LSTM biases, each U(-1/sqrt(H), 1/sqrt(H)); our single bias is their sum,
-    so it is initialised as a sum of two draws to start from the same distribution.
-    """
+def torch_uniform(bound: float):
+    """PyTorch's LSTM and Linear initialiser: U(-bound, bound), bound = 1/sqrt(fan)."""
 
     def init(key, shape, dtype=jnp.float32):
-        keys = jax.random.split(key, draws)
-        return sum(jax.random.uniform(k, shape, dtype, -bound, bound) for k in keys)
+        return jax.random.uniform(key, shape, dtype, -bound, bound)
 
     return init
 
@@ -160,7 +157,9 @@ class LSTMLayer(nn.Module):
         bound = self.hidden_size**-0.5
         shape = (self.input_size, 4 * self.hidden_size)
         input_kernel = self.param("input_kernel", torch_uniform(bound), shape)
-        bias = self.param("bias", torch_uniform(bound, draws=2), (4 * self.hidden_size,))
+        input_bias = self.param("input_bias", torch_uniform(bound), (4 * self.hidden_size,))
+        recurrent_bias = self.param("recurrent_bias", torch_uniform(bound), (4 * self.hidden_size,))
+        bias = input_bias + recurrent_bias  # both enter every step: add them once, outside
         if jnp.issubdtype(inputs.dtype, jnp.integer):
             gate_inputs = jnp.take(input_kernel, inputs, axis=0) + bias
         else:

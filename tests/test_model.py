@@ -26,9 +26,9 @@ def test_shapes_and_parameter_count(model_and_params):
     carry, logits = model.apply({"params": params}, model.initialize_carry(B), _ids(1))
     assert logits.shape == (B, T, V)
     assert len(carry) == L and all(c.shape == h.shape == (B, H) for c, h in carry)
-    # PyTorch's count for nn.LSTM(V, H, 2) + Linear(H, V), less one bias vector per layer.
+    # PyTorch's count for nn.LSTM(V, H, 2) + Linear(H, V): the same parameters.
     torch_count = 4 * H * (V + H + 2) + 4 * H * (H + H + 2) + H * V + V
-    assert count_params(params) == torch_count - 2 * 4 * H
+    assert count_params(params) == torch_count
 
 
 def test_two_half_windows_equal_one_full_window(model_and_params):
