@@ -10,6 +10,7 @@ position in the epoch) is what a resumed run needs on top.
 """
 
 import hashlib
+import sys
 from pathlib import Path
 from typing import NamedTuple
 
@@ -62,6 +63,29 @@ def _restore_args(abstract_params, abstract_state=None):
     return ocp.args.Composite(**items)
 
 
+def _silence_failed_read_echoes() -> None:
+    """Drop the echoes of a failed restore, from now on in this process (installed once).
+
+    When one array of a damaged checkpoint cannot be read, the reads still pending fail again
+    in orbax's threads as its event loop closes (then or at exit), and Python would print each
+    as an "Exception ignored" traceback after our one-sentence error. Only those echoes are
+    dropped; any other unraisable exception goes to the previous hook.
+    """
+    previous = sys.unraisablehook
+    if getattr(previous, "charlstm_jax_filter", False):
+        return
+
+    def hook(unraisable):
+        closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "loop is closed" in str(
+            unraisable.exc_value
+        )
+        if not (closed_loop or "_read_array_index" in repr(unraisable.object)):
+            previous(unraisable)
+
+    hook.charlstm_jax_filter = True
+    sys.unraisablehook = hook
+
+
 class RunCheckpoints:
     """The checkpoints of one run directory: every epoch's weights and the latest state."""
 
@@ -80,8 +104,13 @@ class RunCheckpoints:
         return sorted(self._state.all_steps())
 
     def save_epoch(self, epoch: int, params, meta: dict) -> None:
-        """Keep epoch `epoch`'s weights with `meta` (written in the background)."""
+        """Keep epoch `epoch`'s weights with `meta` (written in the background).
+
+        An existing checkpoint of that epoch is replaced: it belongs to a run that died before
+        its next training state was saved, and has just been trained again from that state.
+        """
         meta = dict(meta, params_sha256=tree_sha256(params))
+        self._replace(self._epochs, epoch)
         self._epochs.save(
             epoch,
             args=ocp.args.Composite(
@@ -90,8 +119,13 @@ class RunCheckpoints:
         )
 
     def save_state(self, step: int, params, state, meta: dict) -> None:
-        """Keep the full training state at global step `step` (written in the background)."""
+        """Keep the full training state at global step `step` (written in the background).
+
+        An existing checkpoint of that step (a damaged one that resuming fell back from) is
+        replaced.
+        """
         meta = dict(meta, params_sha256=tree_sha256(params), state_sha256=tree_sha256(state))
+        self._replace(self._state, step)
         self._state.save(
             step,
             args=ocp.args.Composite(
@@ -101,6 +135,12 @@ class RunCheckpoints:
             ),
             force=True,
         )
+
+    @staticmethod
+    def _replace(manager, step: int) -> None:
+        if step in manager.all_steps():
+            manager.wait_until_finished()
+            manager.delete(step)
 
     def wait(self) -> None:
         """Block until every checkpoint write has finished."""
@@ -131,6 +171,7 @@ class RunCheckpoints:
     def _restore(self, kind: str, step: int, abstract_params, abstract_state=None):
         manager = self._epochs if kind == "epoch" else self._state
         where = self._where(kind, step)
+        _silence_failed_read_echoes()
         try:
             restored = manager.restore(step, args=_restore_args(abstract_params, abstract_state))
         except Exception as error:
@@ -156,14 +197,19 @@ class RunCheckpoints:
         params, _, meta = self._restore("epoch", epoch, abstract_params)
         return params, meta
 
-    def restore_latest_state(self, abstract_params, abstract_state):
+    def restore_latest_state(self, abstract_params, abstract_state, check=None):
         """`(params, state, meta)` of the newest intact training state, else None.
 
-        A damaged newest checkpoint is skipped with a warning for the one before it.
+        `check(meta)` may refuse a checkpoint (by raising) before its arrays are read. A damaged
+        newest checkpoint is skipped with a warning for the one before it; when every one is
+        damaged, the error names the oldest.
         """
         steps = self.state_steps()
         for step in reversed(steps):
             try:
+                meta = self.read_meta("state", step)
+                if check is not None:
+                    check(meta)
                 return self._restore("state", step, abstract_params, abstract_state)
             except CheckpointError as error:
                 if step == steps[0]:
@@ -175,9 +221,13 @@ class RunCheckpoints:
 def abstract_tree(tree, sharding=None):
     """`ShapeDtypeStruct`s of a tree's arrays, placed on `sharding` (default: first device)."""
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    return jax.tree_util.tree_map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding), tree
-    )
+
+    def abstract(x):
+        if not hasattr(x, "shape"):  # a Python scalar, like a fresh TrainState's step
+            x = jax.numpy.asarray(x)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree_util.tree_map(abstract, tree)
 
 
 class LoadedCheckpoint(NamedTuple):

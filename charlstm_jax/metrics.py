@@ -15,14 +15,23 @@ def bits_per_char(loss_nats: float) -> float:
 
 
 def read_metrics(workdir: str | Path) -> list[dict]:
-    """The rows of a run's `metrics.csv`, numbers parsed; empty when there is none."""
+    """The rows of a run's `metrics.csv`, numbers parsed; empty when there is none.
+
+    A row cut short (by a process killed while writing it) is left out.
+    """
     path = Path(workdir) / METRICS_CSV
     if not path.exists():
         return []
     with open(path, newline="") as f:
         rows = list(csv.DictReader(f))
     ints = {"Epoch", "Run", "Step"}
-    return [{k: int(v) if k in ints else float(v) for k, v in row.items()} for row in rows]
+    parsed = []
+    for row in rows:
+        try:
+            parsed.append({k: int(v) if k in ints else float(v) for k, v in row.items()})
+        except (TypeError, ValueError):
+            continue
+    return parsed
 
 
 class MetricsWriter:
@@ -38,12 +47,17 @@ class MetricsWriter:
         workdir = Path(workdir)
         self._csv_path = workdir / METRICS_CSV
         kept = [row for row in read_metrics(workdir) if row["Step"] <= resume_step]
-        with open(self._csv_path, "w", newline="") as f:
+        # Rewritten through a temporary file: a process killed here keeps the old rows.
+        tmp_path = self._csv_path.with_name(METRICS_CSV + ".tmp")
+        with open(tmp_path, "w", newline="") as f:
             writer = csv.DictWriter(f, COLUMNS)
             writer.writeheader()
             writer.writerows(kept)
+        tmp_path.replace(self._csv_path)
+        # TensorBoard hides the events a dead run logged after `resume_step` (a fresh run too:
+        # one killed before its first checkpoint may have logged some).
         self._tensorboard = SummaryWriter(
-            str(workdir / TENSORBOARD_DIR), purge_step=resume_step + 1 if resume_step else None
+            str(workdir / TENSORBOARD_DIR), purge_step=resume_step + 1
         )
 
     def write(self, epoch: int, run: int, step: int, train_loss: float, valid_loss: float):

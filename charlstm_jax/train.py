@@ -22,11 +22,12 @@ from tqdm import tqdm
 from charlstm_jax import checkpoint, data
 from charlstm_jax.config import validate_config
 from charlstm_jax.errors import UserError
-from charlstm_jax.metrics import MetricsWriter, bits_per_char
+from charlstm_jax.metrics import MetricsWriter, bits_per_char, read_metrics
 from charlstm_jax.model import CharLSTM, model_from_config
 
-# Config keys a resumed run may change: the rest must match its checkpoint.
-RESUMABLE_CHANGES = ("epochs", "data_path", "data_dir")
+# Config keys a resumed run may change: the rest must match its checkpoint. The text may move
+# (its sha256 must match), and skip_nonfinite is what the non-finite error tells users to set.
+RESUMABLE_CHANGES = ("epochs", "data_path", "data_dir", "skip_nonfinite")
 
 
 class TrainingError(UserError):
@@ -107,8 +108,9 @@ def _check_resumable(config, meta: dict, dataset: data.Dataset, workdir: Path) -
     if changed:
         differences = ", ".join(f"{k}={config[k]!r} (run has {saved[k]!r})" for k in changed)
         raise TrainingError(
-            f"{workdir} holds a run with other settings: {differences}; only epochs may change "
-            "on resume, so pass the run's values or choose a new --workdir."
+            f"{workdir} holds a run with other settings: {differences}; only epochs (and "
+            "data_path, skip_nonfinite) may change on resume, so pass the run's values or choose "
+            "a new --workdir."
         )
     if meta["corpus_sha256"] != dataset.sha256:
         raise TrainingError(
@@ -181,33 +183,62 @@ def _train(config, workdir: Path) -> dict:
         checkpoints.close()
 
 
-def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> dict:
-    resumed_meta = None
-    if checkpoints.state_steps():
-        resumed_meta = checkpoints.read_meta("state", checkpoints.state_steps()[-1])
-        _check_resumable(config, resumed_meta, dataset, workdir)
+def _write_atomically(path: Path, text: str) -> None:
+    """Write `text` to `path` through a temporary file, so a crash leaves the old or the new."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    tmp.replace(path)
 
+
+def _check_fresh_start(config, checkpoints, dataset: data.Dataset, workdir: Path) -> None:
+    """Epoch checkpoints without any training state: a run killed before its first state
+    checkpoint (train again: its epochs are rewritten) or converted weights (refuse: they
+    would be overwritten)."""
+    epochs = checkpoints.epochs()
+    if not epochs:
+        return
+    meta = checkpoints.read_meta("epoch", epochs[-1])
+    if "source" in meta:
+        raise TrainingError(
+            f"{workdir} holds weights converted from {meta['source']} but no training state to "
+            "resume from; sample from it, or train in a new --workdir."
+        )
+    _check_resumable(config, meta, dataset, workdir)
+
+
+def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> dict:
     root_key = jax.random.key(config.seed)
+    # Dropout keys are fold_in(dropout_key, step): the saved step is all the key state a
+    # resumed run needs.
     params_key, dropout_key = jax.random.split(root_key)
     state = create_train_state(config, len(dataset.vocab), params_key)
     model = create_model(config, len(dataset.vocab))
     batch_size = config.batch_size
     carry = model.initialize_carry(batch_size)
-    epoch, batch_index, loss_sum, loss_count = 1, 0, 0.0, 0
-    if resumed_meta:
+    # Where the run stands: the epoch, the next batch in it, and the sums of the steps since
+    # the last validation row (saved, so a resumed run logs the rows a straight run would).
+    epoch, batch_index, loss_sum, loss_count, nonfinite = 1, 0, 0.0, 0, 0
+    restored = None
+    if checkpoints.state_steps():
         saved = {"opt_state": state.opt_state, "step": state.step, "carry": carry}
         restored = checkpoints.restore_latest_state(
-            checkpoint.abstract_tree(state.params), checkpoint.abstract_tree(saved)
+            checkpoint.abstract_tree(state.params),
+            checkpoint.abstract_tree(saved),
+            check=lambda meta: _check_resumable(config, meta, dataset, workdir),
         )
-        params, saved, resumed_meta = restored
+    else:
+        _check_fresh_start(config, checkpoints, dataset, workdir)
+    if restored:
+        params, saved, meta = restored
         state = state.replace(params=params, opt_state=saved["opt_state"], step=saved["step"])
         carry = saved["carry"]
-        loss_sum, loss_count = resumed_meta["loss_sum"], resumed_meta["loss_count"]
-        epoch, batch_index = resumed_meta["epoch"], resumed_meta["batch_index"]
+        epoch, batch_index = meta["epoch"], meta["batch_index"]
+        loss_sum, loss_count = meta["loss_sum"], meta["loss_count"]
+        nonfinite = meta.get("nonfinite", 0)
         logging.info("Resuming %s at epoch %d, step %d.", workdir, epoch, int(state.step))
     else:
-        (workdir / "config.json").write_text(config.to_json_best_effort(indent=2))
         dataset.vocab.save(workdir / "vocab.json")
+    _write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
 
     num_batches = len(dataset.train_inputs)
     if batch_index >= num_batches:  # the saved state closed its epoch
@@ -233,6 +264,14 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         len(dataset.valid_inputs),
         dataset.valid_inputs.shape[1],
     )
+    if epoch > config.epochs:
+        logging.info(
+            "%s has already trained %d epochs (config.epochs=%d): nothing to do; pass a larger "
+            "--config.epochs to train longer.",
+            workdir,
+            epoch - 1,
+            config.epochs,
+        )
 
     jit_train_step = jax.jit(train_step, donate_argnums=(0, 1))
     jit_evaluate = jax.jit(evaluate, static_argnums=0)
@@ -241,28 +280,40 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         jnp.asarray(dataset.valid_targets),
     )
     valid_carry = model.initialize_carry(dataset.valid_inputs.shape[1])
-    pending = []  # per-step device metrics, summed on the host only at log time
-    last = {"train_loss": None, "valid_loss": None}
+    pending = []  # per-step device metrics, brought to the host only at log or save time
+    rows = read_metrics(workdir)
+    last = {
+        "train_loss": rows[-1]["TrainLoss"] if rows else None,
+        "valid_loss": rows[-1]["ValidationLoss"] if rows else None,
+    }
 
-    def log_validation(run: int) -> None:
-        nonlocal loss_sum, loss_count
+    def fold_pending() -> None:
+        """Add the pending steps' metrics to the sums; stop on a non-finite loss by default."""
+        nonlocal loss_sum, loss_count, nonfinite
         host = jax.device_get(pending)
         pending.clear()
-        nonfinite = sum(int(m["nonfinite"]) for m in host)
-        if nonfinite and not config.skip_nonfinite:
-            raise TrainingError(
-                f"The training loss became non-finite near step {step} (epoch {epoch}); the "
-                "update was skipped and the last good checkpoint is kept: lower learning_rate, "
-                "or set --config.skip_nonfinite=True to skip such updates and go on."
-            )
-        for m in host:  # one addition per step, so a resumed run sums in the same order
-            loss_sum += float(m["loss"])
-        loss_count += len(host) - nonfinite
-        train_loss = loss_sum / max(loss_count, 1)
+        first_step = step - len(host) + 1
+        for i, m in enumerate(host):  # one addition per step: a resumed run sums in this order
+            if int(m["nonfinite"]):
+                if not config.skip_nonfinite:
+                    raise TrainingError(
+                        f"The training loss became non-finite at step {first_step + i} (epoch "
+                        f"{epoch}); the update was skipped and the last good checkpoint is kept "
+                        "in the workdir: lower learning_rate, or set "
+                        "--config.skip_nonfinite=True to skip such updates and go on."
+                    )
+                nonfinite += 1
+            else:
+                loss_sum += float(m["loss"])
+                loss_count += 1
+
+    def log_validation(run: int) -> None:
+        nonlocal loss_sum, loss_count, nonfinite
+        fold_pending()
+        train_loss = loss_sum / loss_count if loss_count else float("nan")  # all skipped
         valid_loss = float(
             jit_evaluate(model.apply, state.params, valid_inputs, valid_targets, valid_carry)
         )
-        loss_sum, loss_count = 0.0, 0
         metrics_writer.write(epoch, run, step, train_loss, valid_loss)
         logging.info(
             "Epoch %d/%d step %d | Training loss %.4f | Validation loss %.4f (%.3f bits/char)%s",
@@ -274,18 +325,15 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
             bits_per_char(valid_loss),
             f" | {nonfinite} non-finite updates skipped" if nonfinite else "",
         )
+        loss_sum, loss_count, nonfinite = 0.0, 0, 0
         last.update(train_loss=train_loss, valid_loss=valid_loss)
 
     def save_state(next_batch: int) -> None:
-        host = jax.device_get(pending)  # fold pending metrics into the saved sums
-        pending.clear()
-        nonlocal loss_sum, loss_count
-        for m in host:
-            loss_sum += float(m["loss"])
-            loss_count += 1 - int(m["nonfinite"])
+        """Save everything a resumed run needs to go on from batch `next_batch` of the epoch."""
+        fold_pending()
         saved = {"opt_state": state.opt_state, "step": state.step, "carry": carry}
         meta = dict(meta_base, epoch=epoch, batch_index=next_batch, step=step)
-        meta.update(loss_sum=loss_sum, loss_count=loss_count)
+        meta.update(loss_sum=loss_sum, loss_count=loss_count, nonfinite=nonfinite)
         checkpoints.save_state(step, state.params, saved, meta)
 
     interrupted = None
@@ -320,7 +368,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
                     speed = (step - started_step) * chars_per_step / (time.perf_counter() - started)
                     metrics_writer.write_speed(step, speed)
                     bar.set_postfix(loss=f"{last['train_loss']:.3f}", chars_per_s=f"{speed:.0f}")
-                if stop.signal and batch_index < num_batches:
+                if stop.signal and batch_index < num_batches:  # an epoch's end saves below
                     interrupted = stop.signal
                     break
             bar.close()
@@ -330,9 +378,8 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
             meta = dict(meta_base, epoch=epoch, step=step, valid_loss=last["valid_loss"])
             checkpoints.save_epoch(epoch, state.params, meta)
             save_state(num_batches)
-            if stop.signal:
+            if stop.signal and epoch < config.epochs:
                 interrupted = stop.signal
-                break
             epoch, batch_index = epoch + 1, 0
             carry = model.initialize_carry(batch_size)
     checkpoints.wait()
@@ -342,13 +389,13 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
             "Stopped by %s at epoch %d, step %d; the state is saved in %s: run the same command "
             "again to resume.",
             interrupted,
-            epoch,
+            epoch - 1 if batch_index == 0 else epoch,
             step,
             workdir,
         )
     return {
         "step": step,
-        "epoch": min(epoch, config.epochs),
+        "epoch": min(epoch if batch_index else epoch - 1, config.epochs),
         "train_loss": last["train_loss"],
         "valid_loss": last["valid_loss"],
         "interrupted": interrupted,

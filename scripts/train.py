@@ -4,6 +4,8 @@ The run directory (--workdir, default runs/<config name>) gets per-epoch checkpo
 metrics.csv and TensorBoard events; running the same command again resumes the run.
 """
 
+import shlex
+import sys
 from pathlib import Path
 
 from absl import app, flags, logging
@@ -26,7 +28,10 @@ def main(argv):
     workdir = _WORKDIR.value or str(Path("runs") / Path(config_file).stem)
     logging.info("Run directory: %s", workdir)
     summary = train_and_evaluate(_CONFIG.value, workdir)
-    if summary["valid_loss"] is not None:
+    if summary["interrupted"]:
+        command = " ".join(shlex.quote(arg) for arg in [sys.executable, *sys.argv])
+        logging.warning("To resume, run the same command again: %s", command)
+    elif summary["valid_loss"] is not None:
         logging.info(
             "Done: epoch %d, step %d, validation loss %.4f; checkpoints in %s/checkpoints.",
             summary["epoch"],
