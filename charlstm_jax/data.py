@@ -105,7 +105,12 @@ def read_text(path: str | Path) -> str:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"No text file at {path}: check the path (config.data_path).")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as error:  # no permission, an I/O error, a file gone meanwhile
+        raise DataError(
+            f"Cannot read {path} ({error.strerror or error}); check the file."
+        ) from None
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as error:
