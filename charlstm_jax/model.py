@@ -60,7 +60,7 @@ class LSTMCell(nn.Module):
         return (c, h), (h, jnp.concatenate([i, f, g, o], axis=-1), c)
 
 
-def _lstm_backward(residuals, cotangents):
+def _lstm_backward(residuals, cotangents, unroll: int = 1):
     """Backward pass of a window of LSTM steps.
 
     residuals: `recurrent_kernel[H, 4H]`, the initial carry, `gates[T, B, 4H]` (activations),
@@ -90,7 +90,9 @@ def _lstm_backward(residuals, cotangents):
         )
         return (dc * f, dz @ recurrent_kernel.T), dz
 
-    (dc0, dh0), dzs = jax.lax.scan(step, (dc_last, dh_last), (gates, cs, c_prev, dhs), reverse=True)
+    (dc0, dh0), dzs = jax.lax.scan(
+        step, (dc_last, dh_last), (gates, cs, c_prev, dhs), reverse=True, unroll=unroll
+    )
     # The recurrent-weight gradient as one large product over all steps and rows.
     d_kernel = jnp.einsum("tbh,tbg->hg", h_prev, dzs)
     return {"params": {"recurrent_kernel": d_kernel}}, (dc0, dh0), dzs
@@ -132,7 +134,7 @@ class Recurrence(nn.Module):
             return (final, hs), (kernel, carry, gates, cs, hs)
 
         def backward(residuals, cotangents):
-            d_params, d_carry, d_gate_inputs = _lstm_backward(residuals, cotangents)
+            d_params, d_carry, d_gate_inputs = _lstm_backward(residuals, cotangents, self.unroll)
             return d_params, d_carry, d_gate_inputs
 
         return nn.custom_vjp(run, forward_fn=forward, backward_fn=backward)(

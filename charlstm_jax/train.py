@@ -52,7 +52,8 @@ def create_train_state(config, vocab_size: int, key: jax.Array) -> TrainState:
     """A fresh train state: params initialised from `key`, step 0."""
     model = create_model(config, vocab_size)
     carry = model.initialize_carry(1)
-    params = model.init(key, carry, jnp.zeros((1, 1), jnp.int32))["params"]
+    # Jitted: flax's eager init of the scanned layers takes seconds, its compile a fraction.
+    params = jax.jit(model.init)(key, carry, jnp.zeros((1, 1), jnp.int32))["params"]
     return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config))
 
 

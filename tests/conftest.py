@@ -1,13 +1,22 @@
 """Shared fixtures: the tiny config, a small text, and the corpora of ../shared/data."""
 
+import os
+import tempfile
 from pathlib import Path
 
+import jax
 import pytest
 
 from charlstm_jax.config import get_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = REPO.parent / "shared" / "data"
+
+# One on-disk compilation cache for the whole session, subprocesses included: most tests train
+# the same tiny model, and compiling it dominates their time.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="charlstm-xla-"))
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def shared_text(name: str) -> Path:
