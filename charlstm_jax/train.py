@@ -19,7 +19,7 @@ from absl import logging
 from flax.training import train_state
 from tqdm import tqdm
 
-from charlstm_jax import checkpoint, data
+from charlstm_jax import checkpoint, data, plots
 from charlstm_jax.config import validate_config
 from charlstm_jax.errors import UserError
 from charlstm_jax.metrics import MetricsWriter, bits_per_char, read_metrics
@@ -378,6 +378,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
                 break
             meta = dict(meta_base, epoch=epoch, step=step, valid_loss=last["valid_loss"])
             checkpoints.save_epoch(epoch, state.params, meta)
+            plots.plot_run(workdir)
             save_state(num_batches)
             if stop.signal and epoch < config.epochs:
                 interrupted = stop.signal

@@ -45,6 +45,7 @@ def test_short_run_on_animal_farm_leaves_checkpoints_events_and_metrics(tiny_con
         assert row["ValidationBPC"] == pytest.approx(row["ValidationLoss"] / math.log(2))
     assert rows[-1]["ValidationLoss"] < rows[0]["ValidationLoss"]
     assert list((workdir / "tensorboard").glob("events.out.tfevents.*"))
+    assert (workdir / "learning_curve.png").exists()
     assert Vocab.load(workdir / "vocab.json") == Vocab.from_text(text)
 
     checkpoints = checkpoint.RunCheckpoints(workdir, read_only=True)
