@@ -8,7 +8,7 @@ import sys
 
 from absl import app, flags
 
-from charlstm_jax import checkpoint, sampling
+from charlstm_jax import checkpoint, novelty, sampling
 from charlstm_jax.cli import main_wrapper
 from charlstm_jax.errors import UserError
 
@@ -23,6 +23,12 @@ _TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Divides the logits; < 1 i
 _TOP_P = flags.DEFINE_float("top_p", 1.0, "Nucleus: keep the most likely up to this mass.")
 _NUM_SAMPLES = flags.DEFINE_integer("num_samples", 1, "Streams drawn in one batched call.")
 _RNG_SEED = flags.DEFINE_integer("rng_seed", 0, "Same seed, same text.")
+_REPORT_NOVELTY = flags.DEFINE_bool(
+    "report_novelty", False, "After each sample, how much of it is copied from the training text."
+)
+_TEXT = flags.DEFINE_string(
+    "text", None, "The training text for --report_novelty; default: where training read it."
+)
 _DROP_UNKNOWN = flags.DEFINE_bool(
     "drop_unknown", False, "Leave out prompt characters the model never saw instead of failing."
 )
@@ -72,17 +78,24 @@ def main(argv):
         chunks = sampling.sample_chunks(
             loaded.model, loaded.params, loaded.vocab, _PROMPT.value, _LENGTH.value, **options
         )
-        if _NUM_SAMPLES.value == 1:  # one stream: print as it comes
+        train_text = None
+        if _REPORT_NOVELTY.value:
+            train_text = novelty.training_text(loaded.meta, _TEXT.value)
+        streaming = _NUM_SAMPLES.value == 1  # one stream prints as it comes
+        texts = ["" for _ in range(_NUM_SAMPLES.value)]
+        if streaming:
             _write(_PROMPT.value)
-            for (piece,) in chunks:
-                _write(piece)
+        for pieces in chunks:
+            if streaming:
+                _write(pieces[0])
+            texts = [t + p for t, p in zip(texts, pieces, strict=True)]
+        if streaming:
             _write("\n")
-        else:
-            texts = ["" for _ in range(_NUM_SAMPLES.value)]
-            for pieces in chunks:
-                texts = [t + p for t, p in zip(texts, pieces, strict=True)]
-            for i, text in enumerate(texts):
+        for i, text in enumerate(texts):
+            if not streaming:
                 _write(f"--- sample {i} ---\n{_PROMPT.value}{text}\n")
+            if train_text is not None:
+                _write(f"[novelty: {novelty.novelty(text, train_text).summary()}]\n")
 
 
 if __name__ == "__main__":

@@ -183,9 +183,13 @@ def test_cli_samples_each_epoch_and_reports_missing_ones(phrase_run):
         assert f"=== epoch {epoch} ===" in result.stdout
     assert "the farm. the pigs rule" in result.stdout
     one = _sample_cli(
-        "--workdir", str(phrase_run / "checkpoints" / "epochs" / "2"), "--length", "5"
-    )
-    assert one.returncode == 0 and one.stdout.startswith("pigs")
+        "--workdir", str(phrase_run / "checkpoints" / "epochs" / "2"), "--length", "45",
+        "--prompt", "the", "--top_k", "1", "--report_novelty",
+    )  # fmt: skip
+    assert one.returncode == 0 and one.stdout.startswith("the farm. the pigs")
+    # The overfit model copies its training text: every 20-character piece occurs in it.
+    assert "[novelty: longest copied substring: 45 characters" in one.stdout
+    assert "100% of its 26 20-character pieces occur in the training text" in one.stdout
     missing = _sample_cli("--workdir", str(phrase_run), "--epoch", "9")
     assert missing.returncode == 2
     assert (
