@@ -15,8 +15,6 @@ recurrent-weight gradient is one large product after the loop, instead of autodi
 per-step accumulation.
 """
 
-from collections.abc import Sequence
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -235,8 +233,3 @@ def model_from_config(config, vocab_size: int) -> CharLSTM:
 def count_params(params) -> int:
     """Number of scalar parameters in a params tree."""
     return sum(x.size for x in jax.tree_util.tree_leaves(params))
-
-
-def layer_names(num_layers: int) -> Sequence[str]:
-    """The params keys of the LSTM layers, bottom first."""
-    return [f"lstm_{layer}" for layer in range(num_layers)]
