@@ -1,6 +1,8 @@
 """Shared fixtures: the tiny config, a small text, and the corpora of ../shared/data."""
 
 import os
+import subprocess
+import sys
 import tempfile
 from pathlib import Path
 
@@ -17,6 +19,17 @@ SHARED_DATA = REPO.parent / "shared" / "data"
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", tempfile.mkdtemp(prefix="charlstm-xla-"))
 jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def run_script(name: str, *args, cwd=REPO, timeout: int = 300) -> subprocess.CompletedProcess:
+    """Run `scripts/<name>` as a user would, in a fresh Python process; output captured."""
+    return subprocess.run(
+        [sys.executable, str(REPO / "scripts" / name), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
 
 
 def shared_text(name: str) -> Path:

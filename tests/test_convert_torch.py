@@ -6,7 +6,6 @@ import collections
 import hashlib
 import json
 import pickle
-import subprocess
 import sys
 import types
 import zipfile
@@ -25,7 +24,7 @@ from charlstm_jax.convert import ConversionError, _corpus_of, convert_checkpoint
 from charlstm_jax.data import Vocab, read_text
 from charlstm_jax.torch_reference import ReferenceLSTM, one_hot
 from charlstm_jax.train import create_model, create_train_state
-from tests.conftest import REPO, shared_text
+from tests.conftest import run_script, shared_text
 
 TEXT = "All animals are equal,\nbut some animals are more equal than others.\n" * 20
 H, L = 24, 2
@@ -238,13 +237,7 @@ def test_weights_of_another_model_get_one_sentence(tmp_path):
 
 
 def _convert_cli(*args):
-    return subprocess.run(
-        [sys.executable, "scripts/convert_torch.py", *args],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script("convert_torch.py", *args)
 
 
 def test_cli_converts_and_errors_in_one_line(reference_checkpoint, tmp_path):

@@ -1,15 +1,12 @@
 """Learning-curve PNGs: the library functions and scripts/plot_metrics.py, on fake metrics."""
 
 import math
-import subprocess
-import sys
 
 import pytest
 
 from charlstm_jax.metrics import read_metrics
 from charlstm_jax.plots import LEARNING_CURVE_PNG, plot_learning_curves, plot_run
-
-from .conftest import REPO
+from tests.conftest import run_script
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
@@ -36,13 +33,7 @@ def _assert_png(path):
 
 
 def _plot_cli(*args, cwd):
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "plot_metrics.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_script("plot_metrics.py", *args, cwd=cwd, timeout=120)
 
 
 def test_plot_run_writes_the_png_atomically_and_skips_an_empty_run(tmp_path):

@@ -1,8 +1,5 @@
 """The jitted top-k sampler: greedy, top-k, seeds, batching, priming, bad options, the script."""
 
-import subprocess
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -12,7 +9,7 @@ from charlstm_jax import checkpoint, sampling
 from charlstm_jax.data import Vocab
 from charlstm_jax.model import CharLSTM
 from charlstm_jax.train import train_and_evaluate
-from tests.conftest import REPO
+from tests.conftest import run_script
 
 VOCAB = Vocab("\n abcdefghijklmnopqrstuvwxyz.,!")
 
@@ -165,12 +162,7 @@ def test_overfit_model_reproduces_its_phrase_greedily(phrase_run):
 
 
 def _sample_cli(*args):
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "sample.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script("sample.py", *args, cwd=None)
 
 
 def test_cli_samples_each_epoch_and_reports_missing_ones(phrase_run):

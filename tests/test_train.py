@@ -1,8 +1,6 @@
 """Training end to end: the loss falls, the run directory holds what the README says."""
 
 import math
-import subprocess
-import sys
 
 import jax
 import numpy as np
@@ -12,7 +10,7 @@ from charlstm_jax import checkpoint
 from charlstm_jax.data import Vocab
 from charlstm_jax.metrics import COLUMNS, read_metrics
 from charlstm_jax.train import train_and_evaluate
-from tests.conftest import REPO, shared_text
+from tests.conftest import REPO, run_script, shared_text
 
 
 def test_tiny_model_learns_a_repeated_phrase(tiny_config, phrase_file, tmp_path):
@@ -80,13 +78,7 @@ def test_training_is_deterministic(tiny_config, phrase_file, tmp_path):
 
 
 def _train_cli(*args, cwd=REPO):
-    return subprocess.run(
-        [sys.executable, str(REPO / "scripts" / "train.py"), *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_script("train.py", *args, cwd=cwd)
 
 
 @pytest.mark.parametrize(
