@@ -1,6 +1,7 @@
 """Orbax checkpoints of a run directory (the only module that imports orbax).
 
     <workdir>/checkpoints/epochs/<epoch>/  params + meta, one per epoch, all kept
+    <workdir>/checkpoints/best/<epoch>/    a copy of the epoch with the lowest validation loss
     <workdir>/checkpoints/state/<step>/    params + training state + meta, the latest two
 
 `meta` is JSON: the config, the vocabulary, the corpus's sha256, the epoch and step, and a
@@ -24,7 +25,9 @@ from charlstm_jax.errors import UserError
 from charlstm_jax.model import CharLSTM, model_from_config
 
 EPOCHS = "checkpoints/epochs"
+BEST = "checkpoints/best"
 STATE = "checkpoints/state"
+_DIRS = {"epoch": EPOCHS, "best": BEST, "state": STATE}
 
 
 class CheckpointError(UserError):
@@ -92,12 +95,24 @@ class RunCheckpoints:
     def __init__(self, workdir: str | Path, read_only: bool = False):
         self.workdir = Path(workdir)
         self.read_only = read_only
-        self._epochs = _manager(self.workdir / EPOCHS, None, read_only)
-        self._state = _manager(self.workdir / STATE, 2, read_only)
+        self._managers = {
+            "epoch": _manager(self.workdir / EPOCHS, None, read_only),
+            "best": _manager(self.workdir / BEST, 1, read_only),
+            "state": _manager(self.workdir / STATE, 2, read_only),
+        }
+        self._epochs = self._managers["epoch"]
+        self._state = self._managers["state"]
 
     def epochs(self) -> list[int]:
         """The epochs that have a complete checkpoint, ascending."""
         return sorted(self._epochs.all_steps())
+
+    def best(self) -> tuple[int, float] | None:
+        """`(epoch, validation loss)` of the best checkpoint, or None before the first."""
+        epochs = sorted(self._managers["best"].all_steps())
+        if not epochs:
+            return None
+        return epochs[-1], self.read_meta("best", epochs[-1])["valid_loss"]
 
     def state_steps(self) -> list[int]:
         """The steps that have a complete training-state checkpoint, ascending."""
@@ -116,6 +131,19 @@ class RunCheckpoints:
             args=ocp.args.Composite(
                 params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)
             ),
+        )
+
+    def save_best(self, epoch: int, params, meta: dict) -> None:
+        """Keep epoch `epoch`'s weights as the best so far (the previous best is deleted)."""
+        meta = dict(meta, params_sha256=tree_sha256(params))
+        manager = self._managers["best"]
+        self._replace(manager, epoch)
+        manager.save(
+            epoch,
+            args=ocp.args.Composite(
+                params=ocp.args.StandardSave(params), meta=ocp.args.JsonSave(meta)
+            ),
+            force=True,
         )
 
     def save_state(self, step: int, params, state, meta: dict) -> None:
@@ -144,20 +172,20 @@ class RunCheckpoints:
 
     def wait(self) -> None:
         """Block until every checkpoint write has finished."""
-        self._epochs.wait_until_finished()
-        self._state.wait_until_finished()
+        for manager in self._managers.values():
+            manager.wait_until_finished()
 
     def close(self) -> None:
         """Finish the writes and release the managers."""
-        self._epochs.close()
-        self._state.close()
+        for manager in self._managers.values():
+            manager.close()
 
     def _where(self, kind: str, step: int) -> Path:
-        return self.workdir / (EPOCHS if kind == "epoch" else STATE) / str(step)
+        return self.workdir / _DIRS[kind] / str(step)
 
     def read_meta(self, kind: str, step: int) -> dict:
-        """The JSON meta of a checkpoint (`kind` is "epoch" or "state")."""
-        manager = self._epochs if kind == "epoch" else self._state
+        """The JSON meta of a checkpoint (`kind` is "epoch", "best" or "state")."""
+        manager = self._managers[kind]
         where = self._where(kind, step)
         try:
             meta = manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
@@ -169,7 +197,7 @@ class RunCheckpoints:
             ) from None
 
     def _restore(self, kind: str, step: int, abstract_params, abstract_state=None):
-        manager = self._epochs if kind == "epoch" else self._state
+        manager = self._managers[kind]
         where = self._where(kind, step)
         _silence_failed_read_echoes()
         try:
@@ -192,9 +220,10 @@ class RunCheckpoints:
                 )
         return restored["params"], restored.get("state"), meta
 
-    def restore_epoch(self, epoch: int, abstract_params):
-        """`(params, meta)` of epoch `epoch`, restored onto `abstract_params`' shardings."""
-        params, _, meta = self._restore("epoch", epoch, abstract_params)
+    def restore_epoch(self, epoch: int, abstract_params, kind: str = "epoch"):
+        """`(params, meta)` of epoch `epoch` (of the best checkpoint with `kind="best"`),
+        restored onto `abstract_params`' shardings."""
+        params, _, meta = self._restore(kind, epoch, abstract_params)
         return params, meta
 
     def restore_latest_state(self, abstract_params, abstract_state, check=None):
@@ -264,11 +293,28 @@ def available_epochs(workdir: str | Path) -> list[int]:
         checkpoints.close()
 
 
+def select_epochs(path: str | Path, value: str) -> list:
+    """The epochs an `--epoch` flag asks for: a number, "final", "best", or "all" of them."""
+    value = value.strip().lower()
+    if value == "all":
+        workdir, _ = resolve_run(path)
+        epochs = available_epochs(workdir)
+        if not epochs:
+            raise CheckpointError(f"{workdir} has no epoch checkpoint yet; train at least one.")
+        return epochs
+    if value in ("final", "best"):
+        return [value]
+    if value.isdigit():
+        return [int(value)]
+    raise CheckpointError(f"--epoch must be a number, 'final', 'best' or 'all', got {value!r}.")
+
+
 def load_checkpoint(path: str | Path, epoch: int | str = "final") -> LoadedCheckpoint:
     """Load one epoch's checkpoint onto this machine's first device (CPU, GPU or TPU).
 
-    `path` is a run directory or an epoch's checkpoint directory; `epoch` a number or "final"
-    (the last epoch saved). A checkpoint written on other devices restores here.
+    `path` is a run directory or an epoch's checkpoint directory; `epoch` a number, "final"
+    (the last epoch saved) or "best" (the lowest validation loss). A checkpoint written on
+    other devices restores here.
     """
     workdir, path_epoch = resolve_run(path)
     checkpoints = RunCheckpoints(workdir, read_only=True)
@@ -281,14 +327,23 @@ def load_checkpoint(path: str | Path, epoch: int | str = "final") -> LoadedCheck
                 f"{workdir} has no complete epoch checkpoint yet (looked in {workdir / EPOCHS}); "
                 "train at least one epoch first."
             )
+        kind = "epoch"
         if epoch == "final":
             epoch = epochs[-1]
-        if epoch not in epochs:
+        elif epoch == "best":
+            best = checkpoints.best()
+            if best is None:
+                raise CheckpointError(
+                    f"{workdir} has no best checkpoint (looked in {workdir / BEST}); it was "
+                    "trained before best checkpoints were kept: give an epoch number instead."
+                )
+            epoch, kind = best[0], "best"
+        if kind == "epoch" and epoch not in epochs:
             raise CheckpointError(
                 f"No checkpoint for epoch {epoch} in {workdir / EPOCHS}; epochs present: "
                 f"{', '.join(map(str, epochs))}."
             )
-        meta = checkpoints.read_meta("epoch", epoch)
+        meta = checkpoints.read_meta(kind, epoch)
         vocab = Vocab(meta["vocab"])
         model = model_from_config(meta["config"], len(vocab))
         abstract = jax.eval_shape(
@@ -296,7 +351,7 @@ def load_checkpoint(path: str | Path, epoch: int | str = "final") -> LoadedCheck
                 jax.random.key(0), model.initialize_carry(1), jax.numpy.zeros((1, 1), "int32")
             )["params"]
         )
-        params, meta = checkpoints.restore_epoch(epoch, abstract_tree(abstract))
+        params, meta = checkpoints.restore_epoch(epoch, abstract_tree(abstract), kind)
         return LoadedCheckpoint(model, params, vocab, meta, epoch)
     finally:
         checkpoints.close()

@@ -13,6 +13,11 @@ so the scanned cell only does the recurrent product `h @ W_hh`. Its backward pas
 by hand: the backward scan carries only `(dh, dc)` and emits each step's gate gradient, and the
 recurrent-weight gradient is one large product after the loop, instead of autodiff's thin
 per-step accumulation.
+
+Regularisation beyond the reference (AWD-LSTM's, Merity et al. 2017), all off by default:
+`variational_dropout` keeps each row's dropout mask the same at every time step, `weight_drop`
+drops entries of each recurrent kernel (DropConnect, one mask per batch, shared by all steps),
+and `embed_drop` drops whole characters (rows of the first layer's input kernel).
 """
 
 import flax.linen as nn
@@ -44,12 +49,14 @@ class LSTMCell(nn.Module):
     hidden_size: int
 
     @nn.compact
-    def __call__(self, carry: LayerCarry, gate_inputs: jax.Array):
+    def __call__(self, carry: LayerCarry, gate_inputs: jax.Array, kernel_mask=None):
         c, h = carry
         bound = self.hidden_size**-0.5
         recurrent_kernel = self.param(
             "recurrent_kernel", torch_uniform(bound), (self.hidden_size, 4 * self.hidden_size)
         )
+        if kernel_mask is not None:  # weight drop: the same scaled mask at every step
+            recurrent_kernel = recurrent_kernel * kernel_mask
         z = gate_inputs + h @ recurrent_kernel
         i, f, g, o = jnp.split(z, 4, axis=-1)
         i, f, g, o = nn.sigmoid(i), nn.sigmoid(f), jnp.tanh(g), nn.sigmoid(o)
@@ -99,9 +106,10 @@ def _lstm_backward(residuals, cotangents, unroll: int = 1):
 class Recurrence(nn.Module):
     """The LSTM cell scanned over a window with `nn.scan`.
 
-    `(carry, gate_inputs[T, B, 4H]) -> (carry, hs[T, B, H])`. With `fused_backward` the
-    gradient comes from `_lstm_backward`; without it, from autodiff of the scan (kept for tests
-    and benchmarks: both give the same gradients).
+    `(carry, gate_inputs[T, B, 4H], kernel_mask) -> (carry, hs[T, B, H])`; `kernel_mask` is
+    None or a scaled `[H, 4H]` weight-drop mask applied to the recurrent kernel at every step.
+    With `fused_backward` the gradient comes from `_lstm_backward`; without it, from autodiff
+    of the scan (kept for tests and benchmarks: both give the same gradients).
     """
 
     hidden_size: int
@@ -109,34 +117,41 @@ class Recurrence(nn.Module):
     unroll: int = 1
 
     @nn.compact
-    def __call__(self, carry: LayerCarry, gate_inputs: jax.Array):
+    def __call__(self, carry: LayerCarry, gate_inputs: jax.Array, kernel_mask=None):
         cell = nn.scan(
             LSTMCell,
             variable_broadcast="params",
             split_rngs={"params": False},
-            in_axes=0,
+            in_axes=(0, nn.broadcast),
             out_axes=0,
             unroll=self.unroll,
         )(self.hidden_size, name="cell")
 
-        def run(mdl, carry, gate_inputs):
-            carry, (hs, _, _) = mdl(carry, gate_inputs)
+        def run(mdl, carry, gate_inputs, kernel_mask):
+            carry, (hs, _, _) = mdl(carry, gate_inputs, kernel_mask)
             return carry, hs
 
         if not self.fused_backward or self.is_initializing():
-            return run(cell, carry, gate_inputs)
+            return run(cell, carry, gate_inputs, kernel_mask)
 
-        def forward(mdl, carry, gate_inputs):
-            final, (hs, gates, cs) = mdl(carry, gate_inputs)
+        def forward(mdl, carry, gate_inputs, kernel_mask):
+            final, (hs, gates, cs) = mdl(carry, gate_inputs, kernel_mask)
             kernel = mdl.variables["params"]["recurrent_kernel"]
-            return (final, hs), (kernel, carry, gates, cs, hs)
+            if kernel_mask is not None:
+                kernel = kernel * kernel_mask
+            return (final, hs), (kernel, carry, gates, cs, hs, kernel_mask)
 
         def backward(residuals, cotangents):
+            *residuals, kernel_mask = residuals
             d_params, d_carry, d_gate_inputs = _lstm_backward(residuals, cotangents, self.unroll)
-            return d_params, d_carry, d_gate_inputs
+            if kernel_mask is None:
+                return d_params, d_carry, d_gate_inputs, None
+            d_kernel = d_params["params"]["recurrent_kernel"] * kernel_mask  # chain rule
+            d_params = {"params": {"recurrent_kernel": d_kernel}}
+            return d_params, d_carry, d_gate_inputs, jnp.zeros_like(kernel_mask)
 
         return nn.custom_vjp(run, forward_fn=forward, backward_fn=backward)(
-            cell, carry, gate_inputs
+            cell, carry, gate_inputs, kernel_mask
         )
 
 
@@ -151,9 +166,11 @@ class LSTMLayer(nn.Module):
     input_size: int
     fused_backward: bool = True
     unroll: int = 1
+    weight_drop: float = 0.0
+    embed_drop: float = 0.0  # only for ids input: drops whole rows of the input kernel
 
     @nn.compact
-    def __call__(self, carry: LayerCarry, inputs: jax.Array):
+    def __call__(self, carry: LayerCarry, inputs: jax.Array, train: bool = False):
         bound = self.hidden_size**-0.5
         shape = (self.input_size, 4 * self.hidden_size)
         input_kernel = self.param("input_kernel", torch_uniform(bound), shape)
@@ -161,12 +178,22 @@ class LSTMLayer(nn.Module):
         recurrent_bias = self.param("recurrent_bias", torch_uniform(bound), (4 * self.hidden_size,))
         bias = input_bias + recurrent_bias  # both enter every step: add them once, outside
         if jnp.issubdtype(inputs.dtype, jnp.integer):
+            if train and self.embed_drop > 0:
+                input_kernel = input_kernel * self._mask(self.embed_drop, (self.input_size, 1))
             gate_inputs = jnp.take(input_kernel, inputs, axis=0) + bias
         else:
             gate_inputs = inputs @ input_kernel + bias
+        kernel_mask = None
+        if train and self.weight_drop > 0:
+            kernel_mask = self._mask(self.weight_drop, (self.hidden_size, 4 * self.hidden_size))
         return Recurrence(self.hidden_size, self.fused_backward, self.unroll, name="recurrence")(
-            carry, gate_inputs
+            carry, gate_inputs, kernel_mask
         )
+
+    def _mask(self, rate: float, shape) -> jax.Array:
+        """A dropout mask scaled by `1 / (1 - rate)`, from the `dropout` rng stream."""
+        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, shape)
+        return keep.astype(jnp.float32) / (1.0 - rate)
 
 
 class CharLSTM(nn.Module):
@@ -174,7 +201,8 @@ class CharLSTM(nn.Module):
 
     `(carry, ids[B, T], train) -> (carry, logits[B, T, V])`. Dropout with rate `drop_prob`
     acts between layers and on the top layer's outputs when `train` is true (rng stream
-    `dropout`). The carry is a tuple over layers of `(c, h)`, each `[B, H]`.
+    `dropout`); with `variational_dropout` its mask is the same at every time step. The carry
+    is a tuple over layers of `(c, h)`, each `[B, H]`.
     """
 
     vocab_size: int
@@ -183,6 +211,9 @@ class CharLSTM(nn.Module):
     drop_prob: float = 0.5
     fused_backward: bool = True
     unroll: int = 1
+    variational_dropout: bool = False
+    weight_drop: float = 0.0
+    embed_drop: float = 0.0
 
     @nn.compact
     def __call__(self, carry: Carry, ids: jax.Array, train: bool = False):
@@ -195,10 +226,13 @@ class CharLSTM(nn.Module):
                 input_size,
                 self.fused_backward,
                 self.unroll,
+                weight_drop=self.weight_drop,
+                embed_drop=self.embed_drop if layer == 0 else 0.0,
                 name=f"lstm_{layer}",
-            )(layer_carry, x)
+            )(layer_carry, x, train)
             new_carry.append(layer_carry)
-            x = nn.Dropout(self.drop_prob, deterministic=not train)(x)
+            time_axis = (0,) if self.variational_dropout else ()
+            x = nn.Dropout(self.drop_prob, broadcast_dims=time_axis, deterministic=not train)(x)
         bound = self.hidden_size**-0.5
         logits = nn.Dense(
             self.vocab_size,
@@ -227,6 +261,9 @@ def model_from_config(config, vocab_size: int) -> CharLSTM:
         drop_prob=config["drop_prob"],
         fused_backward=config.get("fused_backward", True),
         unroll=config.get("unroll", 1),
+        variational_dropout=config.get("variational_dropout", False),
+        weight_drop=config.get("weight_drop", 0.0),
+        embed_drop=config.get("embed_drop", 0.0),
     )
 
 

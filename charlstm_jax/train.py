@@ -27,7 +27,7 @@ from charlstm_jax.model import CharLSTM, model_from_config
 
 # Config keys a resumed run may change: the rest must match its checkpoint. The text may move
 # (its sha256 must match), and skip_nonfinite is what the non-finite error tells users to set.
-RESUMABLE_CHANGES = ("epochs", "data_path", "data_dir", "skip_nonfinite")
+RESUMABLE_CHANGES = ("epochs", "data_path", "data_dir", "skip_nonfinite", "patience")
 
 
 class TrainingError(UserError):
@@ -43,18 +43,41 @@ def create_model(config: ml_collections.ConfigDict, vocab_size: int) -> CharLSTM
     return model_from_config(config, vocab_size)
 
 
-def create_optimizer(config: ml_collections.ConfigDict) -> optax.GradientTransformation:
-    """The reference's optimizer: clip by global norm `clip`, then Adam at `learning_rate`."""
-    return optax.chain(optax.clip_by_global_norm(config.clip), optax.adam(config.learning_rate))
+def _is_kernel(params):
+    """True for the weight matrices (decayed), False for the biases (not decayed)."""
+    return jax.tree_util.tree_map(lambda x: x.ndim > 1, params)
 
 
-def create_train_state(config, vocab_size: int, key: jax.Array) -> TrainState:
+def create_optimizer(
+    config: ml_collections.ConfigDict, steps_per_epoch: int = 1
+) -> optax.GradientTransformation:
+    """Clip by global norm `clip`, then Adam at `learning_rate`: the reference's optimizer.
+
+    Beyond it: `weight_decay > 0` makes it AdamW (kernels only), and the cosine `lr_schedule`
+    decays the rate to `min_lr_fraction` of it over `epochs * steps_per_epoch` steps.
+    """
+    learning_rate = config.learning_rate
+    if config.lr_schedule == "cosine":
+        learning_rate = optax.cosine_decay_schedule(
+            learning_rate, config.epochs * steps_per_epoch, alpha=config.min_lr_fraction
+        )
+    if config.weight_decay > 0:
+        adam = optax.adamw(learning_rate, weight_decay=config.weight_decay, mask=_is_kernel)
+    else:
+        adam = optax.adam(learning_rate)
+    return optax.chain(optax.clip_by_global_norm(config.clip), adam)
+
+
+def create_train_state(
+    config, vocab_size: int, key: jax.Array, steps_per_epoch: int = 1
+) -> TrainState:
     """A fresh train state: params initialised from `key`, step 0."""
     model = create_model(config, vocab_size)
     carry = model.initialize_carry(1)
     # Jitted: flax's eager init of the scanned layers takes seconds, its compile a fraction.
     params = jax.jit(model.init)(key, carry, jnp.zeros((1, 1), jnp.int32))["params"]
-    return TrainState.create(apply_fn=model.apply, params=params, tx=create_optimizer(config))
+    tx = create_optimizer(config, steps_per_epoch)
+    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
@@ -106,6 +129,8 @@ def _check_resumable(config, meta: dict, dataset: data.Dataset, workdir: Path) -
     changed = [
         k for k in saved if k not in RESUMABLE_CHANGES and k in config and config[k] != saved[k]
     ]
+    if config.lr_schedule != "constant" and config.epochs != saved["epochs"]:
+        changed.append("epochs")  # the schedule's length is part of the run
     if changed:
         differences = ", ".join(f"{k}={config[k]!r} (run has {saved[k]!r})" for k in changed)
         raise TrainingError(
@@ -207,12 +232,18 @@ def _check_fresh_start(config, checkpoints, dataset: data.Dataset, workdir: Path
     _check_resumable(config, meta, dataset, workdir)
 
 
+def _patience_spent(config, epoch: int, best) -> bool:
+    """True when early stopping is on and `epoch` is `patience` epochs past the best."""
+    return config.patience > 0 and best is not None and epoch - best[0] >= config.patience
+
+
 def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> dict:
     root_key = jax.random.key(config.seed)
     # Dropout keys are fold_in(dropout_key, step): the saved step is all the key state a
     # resumed run needs.
     params_key, dropout_key = jax.random.split(root_key)
-    state = create_train_state(config, len(dataset.vocab), params_key)
+    num_batches = len(dataset.train_inputs)
+    state = create_train_state(config, len(dataset.vocab), params_key, num_batches)
     model = create_model(config, len(dataset.vocab))
     batch_size = config.batch_size
     carry = model.initialize_carry(batch_size)
@@ -241,7 +272,6 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         dataset.vocab.save(workdir / "vocab.json")
     _write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
 
-    num_batches = len(dataset.train_inputs)
     if batch_index >= num_batches:  # the saved state closed its epoch
         epoch, batch_index = epoch + 1, 0
         carry = model.initialize_carry(batch_size)
@@ -338,9 +368,21 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         checkpoints.save_state(step, state.params, saved, meta)
 
     interrupted = None
+    best = checkpoints.best()  # (epoch, validation loss) or None
+    stopped_early = None
+    if epoch > 1 and _patience_spent(config, epoch - 1, best) and epoch <= config.epochs:
+        stopped_early = epoch - 1
+        logging.info(
+            "%s stopped early after epoch %d (best validation loss at epoch %d, patience %d): "
+            "nothing to do; raise --config.patience or set it to 0 to train on.",
+            workdir,
+            epoch - 1,
+            best[0],
+            config.patience,
+        )
     chars_per_step = batch_size * config.window
     with _StopRequest() as stop:
-        while epoch <= config.epochs and interrupted is None:
+        while epoch <= config.epochs and interrupted is None and stopped_early is None:
             bar = tqdm(
                 total=num_batches,
                 initial=batch_index,
@@ -378,10 +420,23 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
                 break
             meta = dict(meta_base, epoch=epoch, step=step, valid_loss=last["valid_loss"])
             checkpoints.save_epoch(epoch, state.params, meta)
+            if best is None or last["valid_loss"] < best[1]:
+                checkpoints.save_best(epoch, state.params, meta)
+                best = (epoch, last["valid_loss"])
             plots.plot_run(workdir)
             save_state(num_batches)
             if stop.signal and epoch < config.epochs:
                 interrupted = stop.signal
+            if _patience_spent(config, epoch, best) and epoch < config.epochs:
+                stopped_early = epoch
+                logging.info(
+                    "Stopping early after epoch %d: validation has not improved for %d epochs "
+                    "(best %.4f at epoch %d).",
+                    epoch,
+                    epoch - best[0],
+                    best[1],
+                    best[0],
+                )
             epoch, batch_index = epoch + 1, 0
             carry = model.initialize_carry(batch_size)
     checkpoints.wait()
@@ -401,5 +456,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         "train_loss": last["train_loss"],
         "valid_loss": last["valid_loss"],
         "interrupted": interrupted,
+        "stopped_early": stopped_early,
+        "best": best,
         "workdir": str(workdir),
     }

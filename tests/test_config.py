@@ -20,6 +20,13 @@ from charlstm_jax.config import ConfigError, get_config, validate_config
         ("drop_prob", -0.1, r"config.drop_prob must lie in \[0, 1\)"),
         ("clip", 0.0, "config.clip must be positive"),
         ("learning_rate", -1e-3, "config.learning_rate must be positive"),
+        ("weight_drop", 1.0, r"config.weight_drop must lie in \[0, 1\)"),
+        ("embed_drop", -0.5, r"config.embed_drop must lie in \[0, 1\)"),
+        ("weight_decay", -1.0, "config.weight_decay must be 0 or more"),
+        ("lr_schedule", "linear", "config.lr_schedule must be 'constant' or 'cosine'"),
+        ("min_lr_fraction", 2.0, r"config.min_lr_fraction must lie in \[0, 1\]"),
+        ("patience", -1, r"config.patience must be 0 \(off\) or more"),
+        ("patience", 1.5, "config.patience must be an integer"),
     ],
 )
 def test_out_of_range_values(key, value, message):
@@ -38,7 +45,7 @@ def test_unknown_key_is_named():
 
 
 def test_reference_configs_are_valid():
-    from configs import animal_farm, nineteen_eighty_four, tiny
+    from configs import animal_farm, animal_farm_tuned, nineteen_eighty_four, tiny
 
     reference = animal_farm.get_config()
     validate_config(reference)
@@ -48,3 +55,11 @@ def test_reference_configs_are_valid():
     assert reference.validation_counts == 10
     validate_config(nineteen_eighty_four.get_config())
     validate_config(tiny.get_config())
+    tuned = animal_farm_tuned.get_config()
+    validate_config(tuned)
+    # The tuned model is the reference's network: only regularisation and schedule differ.
+    assert (tuned.num_layers, tuned.hidden_size, tuned.window) == (2, 512, 100)
+    # The reference's run uses none of the additions.
+    assert not reference.variational_dropout and reference.weight_drop == 0
+    assert reference.embed_drop == 0 and reference.weight_decay == 0
+    assert reference.lr_schedule == "constant" and reference.patience == 0

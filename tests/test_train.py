@@ -9,7 +9,7 @@ import pytest
 from charlstm_jax import checkpoint
 from charlstm_jax.data import Vocab
 from charlstm_jax.metrics import COLUMNS, read_metrics
-from charlstm_jax.train import train_and_evaluate
+from charlstm_jax.train import TrainingError, train_and_evaluate
 from tests.conftest import REPO, run_script, shared_text
 
 
@@ -20,6 +20,12 @@ def test_tiny_model_learns_a_repeated_phrase(tiny_config, phrase_file, tmp_path)
     vocab_size = len(set(phrase_file.read_text()))
     assert summary["train_loss"] < 0.25 * math.log(vocab_size)
     assert summary["valid_loss"] < 0.25 * math.log(vocab_size)
+    # The best checkpoint is the epoch whose end had the lowest validation loss.
+    epoch_ends = {r["Epoch"]: r["ValidationLoss"] for r in read_metrics(tmp_path / "run")}
+    best_epoch = min(epoch_ends, key=epoch_ends.get)
+    assert summary["best"] == (best_epoch, pytest.approx(epoch_ends[best_epoch]))
+    loaded = checkpoint.load_checkpoint(tmp_path / "run", "best")
+    assert loaded.epoch == best_epoch and loaded.meta["valid_loss"] == summary["best"][1]
 
 
 def test_short_run_on_animal_farm_leaves_checkpoints_events_and_metrics(tiny_config, tmp_path):
@@ -63,6 +69,34 @@ def test_a_checkpoint_even_with_fewer_steps_than_validation_counts(
     train_and_evaluate(tiny_config, workdir)
     assert checkpoint.RunCheckpoints(workdir, read_only=True).epochs() == [1]
     assert len(read_metrics(workdir)) == 1  # the epoch's end is always validated
+
+
+def test_early_stopping_after_patience_epochs_without_improvement(
+    tiny_config, phrase_file, tmp_path
+):
+    tiny_config.data_path = str(phrase_file)
+    tiny_config.update(epochs=6, patience=2, learning_rate=1e-12)  # too small to improve
+    workdir = tmp_path / "run"
+    summary = train_and_evaluate(tiny_config, workdir)
+    assert summary["stopped_early"] == 3 and summary["epoch"] == 3
+    assert summary["best"][0] == 1
+    assert checkpoint.RunCheckpoints(workdir, read_only=True).epochs() == [1, 2, 3]
+    # Running the same command again finds the run finished: no step is taken.
+    again = train_and_evaluate(tiny_config, workdir)
+    assert again["stopped_early"] == 3 and again["step"] == summary["step"]
+    # A larger patience resumes it.
+    tiny_config.patience = 4
+    more = train_and_evaluate(tiny_config, workdir)
+    assert more["stopped_early"] == 5 and more["step"] > summary["step"]
+
+
+def test_cosine_schedule_length_cannot_change_on_resume(tiny_config, phrase_file, tmp_path):
+    tiny_config.data_path = str(phrase_file)
+    tiny_config.update(epochs=1, lr_schedule="cosine")
+    train_and_evaluate(tiny_config, tmp_path / "run")
+    tiny_config.epochs = 2
+    with pytest.raises(TrainingError, match="epochs=2 \\(run has 1\\)"):
+        train_and_evaluate(tiny_config, tmp_path / "run")
 
 
 def test_training_is_deterministic(tiny_config, phrase_file, tmp_path):
