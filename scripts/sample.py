@@ -1,7 +1,8 @@
 """Write new text from a checkpoint: python scripts/sample.py --workdir runs/animal_farm
 
-`--epoch` picks a number, `final` (the last epoch saved) or `all` (one labelled sample from each
-epoch's own weights). The prompt is printed, then `--length` new characters as they come.
+`--epoch` picks a number, `final` (the last epoch saved), `best` (the lowest validation loss) or
+`all` (one labelled sample from each epoch's own weights). The prompt is printed, then
+`--length` new characters as they come.
 """
 
 import sys
@@ -10,12 +11,11 @@ from absl import app, flags
 
 from charlstm_jax import checkpoint, novelty, sampling
 from charlstm_jax.cli import main_wrapper
-from charlstm_jax.errors import UserError
 
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Run directory, or one epoch's checkpoint directory.", required=True
 )
-_EPOCH = flags.DEFINE_string("epoch", "final", "Epoch number, 'final' or 'all'.")
+_EPOCH = flags.DEFINE_string("epoch", "final", "Epoch number, 'final', 'best' or 'all'.")
 _PROMPT = flags.DEFINE_string("prompt", "pigs", "Text to start from; empty starts a paragraph.")
 _LENGTH = flags.DEFINE_integer("length", 1000, "New characters to write after the prompt.")
 _TOP_K = flags.DEFINE_integer("top_k", 5, "Draw among the k most likely characters; 1: greedy.")
@@ -32,22 +32,6 @@ _TEXT = flags.DEFINE_string(
 _DROP_UNKNOWN = flags.DEFINE_bool(
     "drop_unknown", False, "Leave out prompt characters the model never saw instead of failing."
 )
-
-
-def _epochs(workdir: str) -> list:
-    """The epochs the --epoch flag asks for."""
-    value = _EPOCH.value.strip().lower()
-    if value == "all":
-        run, _ = checkpoint.resolve_run(workdir)
-        epochs = checkpoint.available_epochs(run)
-        if not epochs:
-            raise UserError(f"{run} has no epoch checkpoint yet; train at least one epoch.")
-        return epochs
-    if value == "final":
-        return ["final"]
-    if value.isdigit():
-        return [int(value)]
-    raise UserError(f"--epoch must be a number, 'final' or 'all', got {_EPOCH.value!r}.")
 
 
 def _write(text: str) -> None:
@@ -67,7 +51,7 @@ def main(argv):
         rng_seed=_RNG_SEED.value,
         drop_unknown=_DROP_UNKNOWN.value,
     )
-    epochs = _epochs(_WORKDIR.value)
+    epochs = checkpoint.select_epochs(_WORKDIR.value, _EPOCH.value)
     for epoch in epochs:
         loaded = checkpoint.load_checkpoint(_WORKDIR.value, epoch)
         sampling.check_options(
