@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from absl import logging
 
+from charlstm_jax import parallel
 from charlstm_jax.data import Vocab
 from charlstm_jax.errors import UserError
 from charlstm_jax.model import CharLSTM, model_from_config
@@ -38,7 +39,7 @@ def tree_sha256(tree) -> str:
     """A sha256 over a tree's arrays (shapes, dtypes and bytes, in tree order)."""
     digest = hashlib.sha256()
     for leaf in jax.tree_util.tree_leaves(tree):
-        array = np.asarray(jax.device_get(leaf))
+        array = parallel.to_host(leaf)  # the whole array, however it is split over devices
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(np.ascontiguousarray(array).tobytes())
     return digest.hexdigest()
@@ -50,6 +51,11 @@ def _manager(directory: Path, max_to_keep: int | None, read_only: bool):
         create=not read_only,
         read_only=read_only,
         cleanup_tmp_directories=not read_only,
+        # Processes meet at barriers named by step: the managers' steps overlap (epoch 2 and
+        # best 2 are written at once), so each manager names its own.
+        multiprocessing_options=ocp.options.MultiprocessingOptions(
+            barrier_sync_key_prefix=directory.name
+        ),
     )
     return ocp.CheckpointManager(
         directory.absolute(), options=options, item_names=("params", "state", "meta")
@@ -248,13 +254,15 @@ class RunCheckpoints:
 
 
 def abstract_tree(tree, sharding=None):
-    """`ShapeDtypeStruct`s of a tree's arrays, placed on `sharding` (default: first device)."""
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    """`ShapeDtypeStruct`s of a tree's arrays, placed on `sharding`, else where each array of
+    `tree` lives (a restore onto any mesh), else on this process's first device."""
+    first_device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
 
     def abstract(x):
         if not hasattr(x, "shape"):  # a Python scalar, like a fresh TrainState's step
             x = jax.numpy.asarray(x)
-        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+        where = sharding or getattr(x, "sharding", None) or first_device
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=where)
 
     return jax.tree_util.tree_map(abstract, tree)
 

@@ -91,3 +91,16 @@ class MetricsWriter:
     def close(self) -> None:
         """Flush and close the TensorBoard writer."""
         self._tensorboard.close()
+
+
+class NoMetrics:
+    """The `MetricsWriter` of processes other than the first: only process 0 writes metrics."""
+
+    def write(self, *args) -> None:
+        pass
+
+    def write_speed(self, *args) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

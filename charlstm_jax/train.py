@@ -19,10 +19,10 @@ from absl import logging
 from flax.training import train_state
 from tqdm import tqdm
 
-from charlstm_jax import checkpoint, data, plots
+from charlstm_jax import checkpoint, data, parallel, plots
 from charlstm_jax.config import validate_config
 from charlstm_jax.errors import UserError
-from charlstm_jax.metrics import MetricsWriter, bits_per_char, read_metrics
+from charlstm_jax.metrics import MetricsWriter, NoMetrics, bits_per_char, read_metrics
 from charlstm_jax.model import CharLSTM, model_from_config
 
 # Config keys a resumed run may change: the rest must match its checkpoint. The text may move
@@ -191,13 +191,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     was interrupted.
     """
     validate_config(config)
+    parallel.check_batch_size(config.batch_size, parallel.make_mesh())
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    lock = _lock(workdir)
+    # In a multi-process run the first process holds the lock for all of them.
+    lock = _lock(workdir) if parallel.is_primary() else None
     try:
         return _train(config, workdir)
     finally:
-        lock.release()
+        if lock is not None:
+            lock.release()
 
 
 def _train(config, workdir: Path) -> dict:
@@ -238,15 +241,24 @@ def _patience_spent(config, epoch: int, best) -> bool:
 
 
 def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> dict:
+    # Data parallel over every device: params and optimizer state replicated, rows split.
+    mesh = parallel.make_mesh()
+    replicated, row_split = parallel.replicated(mesh), parallel.split_rows(mesh)
+    primary = parallel.is_primary()
     root_key = jax.random.key(config.seed)
     # Dropout keys are fold_in(dropout_key, step): the saved step is all the key state a
     # resumed run needs.
     params_key, dropout_key = jax.random.split(root_key)
     num_batches = len(dataset.train_inputs)
     state = create_train_state(config, len(dataset.vocab), params_key, num_batches)
+    state = parallel.put(state, replicated)
     model = create_model(config, len(dataset.vocab))
     batch_size = config.batch_size
-    carry = model.initialize_carry(batch_size)
+
+    def fresh_carry():
+        return parallel.put(model.initialize_carry(batch_size), row_split)
+
+    carry = fresh_carry()
     # Where the run stands: the epoch, the next batch in it, and the sums of the steps since
     # the last validation row (saved, so a resumed run logs the rows a straight run would).
     epoch, batch_index, loss_sum, loss_count, nonfinite = 1, 0, 0.0, 0, 0
@@ -268,15 +280,16 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         loss_sum, loss_count = meta["loss_sum"], meta["loss_count"]
         nonfinite = meta.get("nonfinite", 0)
         logging.info("Resuming %s at epoch %d, step %d.", workdir, epoch, int(state.step))
-    else:
+    elif primary:
         dataset.vocab.save(workdir / "vocab.json")
-    _write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
+    if primary:
+        _write_atomically(workdir / "config.json", config.to_json_best_effort(indent=2))
 
     if batch_index >= num_batches:  # the saved state closed its epoch
         epoch, batch_index = epoch + 1, 0
-        carry = model.initialize_carry(batch_size)
+        carry = fresh_carry()
     step = int(state.step)
-    metrics_writer = MetricsWriter(workdir, resume_step=step)
+    metrics_writer = MetricsWriter(workdir, resume_step=step) if primary else NoMetrics()
     meta_base = {
         "config": config.to_dict(),
         "vocab": list(dataset.vocab.chars),
@@ -285,7 +298,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
     }
     logging.info(
         "Training on %s: %d characters, vocabulary %d, %d batches of %dx%d per epoch, "
-        "%d validation windows of %d rows.",
+        "%d validation windows of %d rows, on %d device(s) in %d process(es).",
         dataset.path,
         dataset.num_chars,
         len(dataset.vocab),
@@ -294,6 +307,8 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         config.window,
         len(dataset.valid_inputs),
         dataset.valid_inputs.shape[1],
+        mesh.size,
+        jax.process_count(),
     )
     if epoch > config.epochs:
         logging.info(
@@ -304,13 +319,20 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
             config.epochs,
         )
 
-    jit_train_step = jax.jit(train_step, donate_argnums=(0, 1))
-    jit_evaluate = jax.jit(evaluate, static_argnums=0)
-    valid_inputs, valid_targets = (
-        jnp.asarray(dataset.valid_inputs),
-        jnp.asarray(dataset.valid_targets),
+    jit_train_step = jax.jit(
+        train_step, donate_argnums=(0, 1), out_shardings=(replicated, row_split, replicated)
     )
-    valid_carry = model.initialize_carry(dataset.valid_inputs.shape[1])
+    jit_evaluate = jax.jit(evaluate, static_argnums=0)
+    # Validation rows are split too when the devices divide them (a short tail may have fewer).
+    valid_rows = dataset.valid_inputs.shape[1]
+    valid_split = valid_rows % mesh.size == 0
+    valid_inputs, valid_targets = parallel.put(
+        (dataset.valid_inputs, dataset.valid_targets),
+        parallel.split_rows(mesh, axis=1) if valid_split else replicated,
+    )
+    valid_carry = parallel.put(
+        model.initialize_carry(valid_rows), row_split if valid_split else replicated
+    )
     pending = []  # per-step device metrics, brought to the host only at log or save time
     rows = read_metrics(workdir)
     last = {
@@ -382,6 +404,14 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         )
     chars_per_step = batch_size * config.window
     with _StopRequest() as stop:
+
+        def stop_requested(at_log: bool) -> bool:
+            """A signal arrived here (or, in a multi-process run, in any process). Processes
+            agree only at log points: a collective each step would cost more than it saves."""
+            if jax.process_count() == 1:
+                return stop.signal is not None
+            return at_log and parallel.sync_flag(stop.signal is not None)
+
         while epoch <= config.epochs and interrupted is None and stopped_early is None:
             bar = tqdm(
                 total=num_batches,
@@ -390,29 +420,29 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
                 unit="step",
                 leave=False,
                 dynamic_ncols=True,
+                disable=not primary,
             )
             started, started_step = time.perf_counter(), step
             while batch_index < num_batches:
-                state, carry, metrics = jit_train_step(
-                    state,
-                    carry,
-                    dataset.train_inputs[batch_index],
-                    dataset.train_targets[batch_index],
-                    dropout_key,
+                inputs, targets = parallel.put(
+                    (dataset.train_inputs[batch_index], dataset.train_targets[batch_index]),
+                    row_split,
                 )
+                state, carry, metrics = jit_train_step(state, carry, inputs, targets, dropout_key)
                 pending.append(metrics)
                 if len(pending) > 2:  # keep the progress bar honest, two steps in flight
                     jax.block_until_ready(pending[-3]["loss"])
                 batch_index += 1
                 step += 1
                 bar.update(1)
-                if batch_index % config.validation_counts == 0 or batch_index == num_batches:
+                at_log = batch_index % config.validation_counts == 0 or batch_index == num_batches
+                if at_log:
                     log_validation(batch_index)
                     speed = (step - started_step) * chars_per_step / (time.perf_counter() - started)
                     metrics_writer.write_speed(step, speed)
                     bar.set_postfix(loss=f"{last['train_loss']:.3f}", chars_per_s=f"{speed:.0f}")
-                if stop.signal and batch_index < num_batches:  # an epoch's end saves below
-                    interrupted = stop.signal
+                if stop_requested(at_log) and batch_index < num_batches:  # an epoch's end saves
+                    interrupted = stop.signal or "a stop in another process"
                     break
             bar.close()
             if interrupted:
@@ -423,10 +453,11 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
             if best is None or last["valid_loss"] < best[1]:
                 checkpoints.save_best(epoch, state.params, meta)
                 best = (epoch, last["valid_loss"])
-            plots.plot_run(workdir)
+            if primary:
+                plots.plot_run(workdir)
             save_state(num_batches)
-            if stop.signal and epoch < config.epochs:
-                interrupted = stop.signal
+            if stop_requested(True) and epoch < config.epochs:
+                interrupted = stop.signal or "a stop in another process"
             if _patience_spent(config, epoch, best) and epoch < config.epochs:
                 stopped_early = epoch
                 logging.info(
@@ -438,7 +469,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
                     best[0],
                 )
             epoch, batch_index = epoch + 1, 0
-            carry = model.initialize_carry(batch_size)
+            carry = fresh_carry()
     checkpoints.wait()
     metrics_writer.close()
     if interrupted:
