@@ -5,6 +5,7 @@ JAX starts: those runs are subprocesses. The one-device runs train in this proce
 """
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -129,6 +130,40 @@ def test_two_processes_match_one(text, one_device_run, tmp_path):
         assert code == 0, stderr[-3000:]
     assert "on 4 device(s) in 2 process(es)" in results[0][1]
     assert "Training on" not in results[1][1]  # only process 0 logs
+    _assert_same_run(tmp_path / "run", one_device_run)
+
+
+def test_a_stop_in_one_process_stops_both_and_they_resume(text, one_device_run, tmp_path):
+    address = f"127.0.0.1:{_free_port()}"
+
+    def start(epochs):
+        return [
+            _train_cli(
+                tmp_path / "run",
+                text,
+                epochs,
+                2,
+                f"--coordinator_address={address}",
+                "--num_processes=2",
+                f"--process_id={i}",
+            )
+            for i in range(2)
+        ]
+
+    first, second = start(epochs=50)  # far more than the signal needs
+    for line in first.stderr:  # process 0 logs; wait for training to be under way
+        if "step 5 |" in line:
+            break
+    second.send_signal(signal.SIGINT)  # only process 1 is told to stop
+    results = [_finish(p) for p in (first, second)]
+    for code, stderr in results:
+        assert code == 0, stderr[-3000:]
+    assert "Stopped by a stop in another process" in results[0][1]
+    assert "Stopped by SIGINT" in results[1][1]
+    step = read_metrics(tmp_path / "run")[-1]["Step"]
+    assert 5 < step < 67  # within the first epoch, at a log point after the signal
+    for code, stderr in (_finish(p) for p in start(epochs=2)):
+        assert code == 0, stderr[-3000:]
     _assert_same_run(tmp_path / "run", one_device_run)
 
 
