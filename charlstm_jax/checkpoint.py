@@ -11,6 +11,7 @@ position in the epoch) is what a resumed run needs on top.
 """
 
 import hashlib
+import math
 import sys
 from pathlib import Path
 from typing import NamedTuple
@@ -113,12 +114,30 @@ class RunCheckpoints:
         """The epochs that have a complete checkpoint, ascending."""
         return sorted(self._epochs.all_steps())
 
-    def best(self) -> tuple[int, float] | None:
-        """`(epoch, validation loss)` of the best checkpoint, or None before the first."""
-        epochs = sorted(self._managers["best"].all_steps())
-        if not epochs:
+    def best(self, before: int | None = None) -> tuple[int, float] | None:
+        """`(epoch, validation loss)` of the best epoch (of those before epoch `before`), or
+        None when there is none.
+
+        It is the best checkpoint's; a run that has none (trained before they were kept), or
+        whose best is not before `before`, gets the lowest validation loss of its epochs.
+        """
+        kept = sorted(self._managers["best"].all_steps())
+        if kept and (before is None or kept[-1] < before):
+            return kept[-1], self.read_meta("best", kept[-1])["valid_loss"]
+        losses = {}
+        for epoch in self.epochs():
+            if before is None or epoch < before:
+                loss = self.read_meta("epoch", epoch).get("valid_loss")
+                if loss is not None and math.isfinite(loss):
+                    losses[epoch] = loss
+        if not losses:
             return None
-        return epochs[-1], self.read_meta("best", epochs[-1])["valid_loss"]
+        epoch = min(losses, key=losses.get)
+        return epoch, losses[epoch]
+
+    def has_best_copy(self, epoch: int) -> bool:
+        """Whether `checkpoints/best/` holds epoch `epoch`."""
+        return epoch in self._managers["best"].all_steps()
 
     def state_steps(self) -> list[int]:
         """The steps that have a complete training-state checkpoint, ascending."""
@@ -342,10 +361,11 @@ def load_checkpoint(path: str | Path, epoch: int | str = "final") -> LoadedCheck
             best = checkpoints.best()
             if best is None:
                 raise CheckpointError(
-                    f"{workdir} has no best checkpoint (looked in {workdir / BEST}); it was "
-                    "trained before best checkpoints were kept: give an epoch number instead."
+                    f"{workdir} has no epoch with a validation loss; give an epoch number."
                 )
-            epoch, kind = best[0], "best"
+            epoch = best[0]
+            if checkpoints.has_best_copy(epoch):
+                kind = "best"
         if kind == "epoch" and epoch not in epochs:
             raise CheckpointError(
                 f"No checkpoint for epoch {epoch} in {workdir / EPOCHS}; epochs present: "

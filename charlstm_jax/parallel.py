@@ -33,8 +33,8 @@ def initialize_distributed(
     """Join a multi-process run when asked by the arguments or the environment.
 
     The arguments fall back on `JAX_COORDINATOR_ADDRESS`, `JAX_NUM_PROCESSES` and
-    `JAX_PROCESS_ID`. With none of them set, `auto` (or a Slurm job of several tasks, or a TPU
-    pod slice) lets JAX find the cluster itself; otherwise this is a single-process run.
+    `JAX_PROCESS_ID`. With none of them set, `auto` (or an `srun` step of several tasks, or a
+    TPU pod slice) lets JAX find the cluster itself; otherwise this is a single-process run.
     """
     coordinator_address = coordinator_address or os.environ.get("JAX_COORDINATOR_ADDRESS")
     num_processes = num_processes or _env_int("JAX_NUM_PROCESSES")
@@ -78,8 +78,12 @@ def _env_int(name: str) -> int | None:
 
 
 def _cluster_detected() -> bool:
-    """A Slurm job of several tasks, or a TPU pod slice of several hosts."""
-    if int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1:
+    """An `srun` step of several tasks, or a TPU pod slice of several hosts.
+
+    Only a job step counts: `SLURM_NTASKS` is also set in a batch script that starts one
+    Python process, which would then wait for peers that never come.
+    """
+    if int(os.environ.get("SLURM_STEP_NUM_TASKS", "1") or 1) > 1:
         return True
     return "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
 

@@ -6,6 +6,7 @@ from a zero carry. Every `validation_counts` steps, and at each epoch's end, a j
 the whole validation tail from a fresh carry. A workdir is one run: running again resumes it.
 """
 
+import math
 import signal
 import time
 from pathlib import Path
@@ -20,7 +21,7 @@ from flax.training import train_state
 from tqdm import tqdm
 
 from charlstm_jax import checkpoint, data, parallel, plots
-from charlstm_jax.config import validate_config
+from charlstm_jax.config import get_config, validate_config
 from charlstm_jax.errors import UserError
 from charlstm_jax.metrics import MetricsWriter, NoMetrics, bits_per_char, read_metrics
 from charlstm_jax.model import CharLSTM, model_from_config
@@ -125,18 +126,18 @@ def evaluate(apply_fn, params, inputs, targets, carry):
 
 def _check_resumable(config, meta: dict, dataset: data.Dataset, workdir: Path) -> None:
     """Fail in one sentence when `config` or the text differ from the run being resumed."""
-    saved = meta["config"]
-    changed = [
-        k for k in saved if k not in RESUMABLE_CHANGES and k in config and config[k] != saved[k]
-    ]
+    # A run saved before a key existed ran with that key's default.
+    defaults = get_config()
+    saved = {k: meta["config"].get(k, defaults[k]) for k in config}
+    changed = [k for k in config if k not in RESUMABLE_CHANGES and config[k] != saved[k]]
     if config.lr_schedule != "constant" and config.epochs != saved["epochs"]:
         changed.append("epochs")  # the schedule's length is part of the run
     if changed:
         differences = ", ".join(f"{k}={config[k]!r} (run has {saved[k]!r})" for k in changed)
         raise TrainingError(
-            f"{workdir} holds a run with other settings: {differences}; only epochs (and "
-            "data_path, skip_nonfinite) may change on resume, so pass the run's values or choose "
-            "a new --workdir."
+            f"{workdir} holds a run with other settings: {differences}; only epochs (fixed too "
+            "under a cosine schedule), patience, data_path and skip_nonfinite may change on "
+            "resume, so pass the run's values or choose a new --workdir."
         )
     if meta["corpus_sha256"] != dataset.sha256:
         raise TrainingError(
@@ -194,8 +195,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str | Path) -
     parallel.check_batch_size(config.batch_size, parallel.make_mesh())
     workdir = Path(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
-    # In a multi-process run the first process holds the lock for all of them.
-    lock = _lock(workdir) if parallel.is_primary() else None
+    # In a multi-process run the first process holds the lock for all of them, and all of
+    # them stop when it cannot.
+    lock, refusal = None, None
+    if parallel.is_primary():
+        try:
+            lock = _lock(workdir)
+        except TrainingError as error:
+            refusal = error
+    if parallel.sync_flag(refusal is not None):
+        raise refusal or TrainingError(
+            f"{workdir} is being trained by another process; process 0 could not lock it."
+        )
     try:
         return _train(config, workdir)
     finally:
@@ -233,6 +244,11 @@ def _check_fresh_start(config, checkpoints, dataset: data.Dataset, workdir: Path
             "resume from; sample from it, or train in a new --workdir."
         )
     _check_resumable(config, meta, dataset, workdir)
+
+
+def _improves(loss: float, best_loss: float) -> bool:
+    """A finite loss lower than the best so far (a NaN never improves, nor blocks later ones)."""
+    return math.isfinite(loss) and not loss >= best_loss
 
 
 def _patience_spent(config, epoch: int, best) -> bool:
@@ -294,7 +310,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         "config": config.to_dict(),
         "vocab": list(dataset.vocab.chars),
         "corpus_sha256": dataset.sha256,
-        "corpus_path": str(dataset.path),
+        "corpus_path": str(Path(dataset.path).absolute()),  # found from any directory
     }
     logging.info(
         "Training on %s: %d characters, vocabulary %d, %d batches of %dx%d per epoch, "
@@ -369,8 +385,10 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         )
         metrics_writer.write(epoch, run, step, train_loss, valid_loss)
         logging.info(
-            "Epoch %d/%d step %d | Training loss %.4f | Validation loss %.4f (%.3f bits/char)%s",
+            "Epoch %d/%d batch %d step %d | Training loss %.4f | Validation loss %.4f "
+            "(%.3f bits/char)%s",
             epoch,
+            config.epochs,
             run,
             step,
             train_loss,
@@ -390,7 +408,9 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         checkpoints.save_state(step, state.params, saved, meta)
 
     interrupted = None
-    best = checkpoints.best()  # (epoch, validation loss) or None
+    # (epoch, validation loss) of the best epoch before this one, or None. A best saved by a
+    # run that died before its epoch's state is ignored: that epoch is trained again.
+    best = checkpoints.best(before=epoch)
     stopped_early = None
     if epoch > 1 and _patience_spent(config, epoch - 1, best) and epoch <= config.epochs:
         stopped_early = epoch - 1
@@ -450,7 +470,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
                 break
             meta = dict(meta_base, epoch=epoch, step=step, valid_loss=last["valid_loss"])
             checkpoints.save_epoch(epoch, state.params, meta)
-            if best is None or last["valid_loss"] < best[1]:
+            if best is None or _improves(last["valid_loss"], best[1]):
                 checkpoints.save_best(epoch, state.params, meta)
                 best = (epoch, last["valid_loss"])
             if primary:

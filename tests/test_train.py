@@ -90,6 +90,30 @@ def test_early_stopping_after_patience_epochs_without_improvement(
     assert more["stopped_early"] == 5 and more["step"] > summary["step"]
 
 
+def test_best_of_a_run_without_best_copies_comes_from_the_epochs(
+    tiny_config, phrase_file, tmp_path
+):
+    """Runs trained before best copies were kept still answer `--epoch best`."""
+    import shutil
+
+    tiny_config.data_path = str(phrase_file)
+    tiny_config.epochs = 2
+    train_and_evaluate(tiny_config, tmp_path / "run")
+    best_epoch = train_and_evaluate(tiny_config, tmp_path / "run")["best"][0]
+    shutil.rmtree(tmp_path / "run" / "checkpoints" / "best")
+    assert checkpoint.load_checkpoint(tmp_path / "run", "best").epoch == best_epoch
+
+
+def test_a_setting_the_saved_run_did_not_know_is_compared_with_its_default(
+    tiny_config, phrase_file, tmp_path
+):
+    tiny_config.data_path = str(phrase_file)
+    train_and_evaluate(tiny_config, tmp_path / "run")
+    tiny_config.weight_drop = 0.3  # the run trained without it
+    with pytest.raises(TrainingError, match=r"weight_drop=0.3 \(run has 0.0\)"):
+        train_and_evaluate(tiny_config, tmp_path / "run")
+
+
 def test_cosine_schedule_length_cannot_change_on_resume(tiny_config, phrase_file, tmp_path):
     tiny_config.data_path = str(phrase_file)
     tiny_config.update(epochs=1, lr_schedule="cosine")
