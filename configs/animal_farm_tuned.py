@@ -7,7 +7,7 @@ The reference overfits after epoch 22 (train loss 1.12, validation 1.445 rising 
 - weight drop 0.3 on the recurrent kernels (DropConnect): regularises the recurrence itself,
   the part that memorises;
 - embedding dropout 0.1: whole characters vanish from a batch's input;
-- AdamW weight decay 0.1 on the kernels, a rate of 2e-3 and a cosine decay over 40 epochs: the
+- AdamW weight decay 0.1 on the kernels, a rate of 2e-3 and a cosine decay over 50 epochs: the
   regularised model learns slower, so it gets more epochs and anneals at the end.
 """
 
@@ -15,7 +15,7 @@ from charlstm_jax.config import get_config as base_config
 
 
 def get_config():
-    """2 x 512 LSTM like the reference; AWD-LSTM-style regularisation, 40 epochs, cosine decay."""
+    """2 x 512 LSTM like the reference; AWD-LSTM-style regularisation, 50 epochs, cosine decay."""
     config = base_config()
     config.corpus = "animal_farm"
     config.drop_prob = 0.4
@@ -26,5 +26,5 @@ def get_config():
     config.learning_rate = 2e-3
     config.lr_schedule = "cosine"
     config.min_lr_fraction = 0.05
-    config.epochs = 40
+    config.epochs = 50
     return config
