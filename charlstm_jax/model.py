@@ -221,7 +221,8 @@ class LSTMLayer(nn.Module):
         if jnp.issubdtype(inputs.dtype, jnp.integer):
             if train and self.embed_drop > 0:
                 input_kernel = input_kernel * self._mask(self.embed_drop, (self.input_size, 1))
-            gate_inputs = jnp.take(input_kernel, inputs, axis=0) + bias
+            # Bias added to the 71 rows before the gather, not to the T * B rows after it.
+            gate_inputs = jnp.take(input_kernel + bias, inputs, axis=0)
         else:
             gate_inputs = project(inputs, input_kernel) + bias
         kernel_mask = None
