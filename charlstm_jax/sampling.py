@@ -138,6 +138,10 @@ def sample_chunks(
         raise SamplingError(f"num_samples must be a positive integer, got {num_samples!r}.")
     ids = prompt_ids(vocab, prompt, drop_unknown)
 
+    # Chunks of equal size, at most `chunk`: a length just over a multiple of `chunk` would
+    # otherwise compute most of a last chunk only to throw it away (1000 = 4 x 250, not 4 x 256).
+    size = -(-length // -(-length // chunk)) if length else chunk
+
     def chunks():
         carry, logits = prime(model, params, jnp.asarray(np.tile(ids, (num_samples, 1))))
         keys = stream_keys(rng_seed, num_samples)
@@ -145,7 +149,7 @@ def sample_chunks(
         while done < length:
             carry, logits, new = generate_chunk(
                 model,
-                chunk,
+                size,
                 top_k,
                 params,
                 carry,
@@ -155,7 +159,7 @@ def sample_chunks(
                 jnp.float32(temperature),
                 jnp.float32(top_p),
             )
-            take = min(chunk, length - done)
+            take = min(size, length - done)
             yield [vocab.decode(row[:take]) for row in np.asarray(new)]
             done += take
 
