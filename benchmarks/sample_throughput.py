@@ -4,7 +4,8 @@
 
 At the reference size (2 x 512, vocabulary 71, top-k 5): characters per second of the reference
 loop (one PyTorch call, a softmax, a top-k and numpy's choice per character), of our sampler for
-1 stream and for 64 streams drawn in one call, and our first-call compile time. The samplers
+1 stream and for 64 streams drawn in one call (also with `precision="bfloat16"`), and our
+first-call compile time. The samplers
 take turns, each turn an untimed call then a timed one, and medians are reported, since the
 machine is shared and noisy.
 """
@@ -31,10 +32,18 @@ VOCAB_SIZE, HIDDEN, LAYERS, TOP_K = 71, 512, 2, 5
 PROMPT = "pigs"
 
 
-def _ours(model, params, vocab, length, num_samples, seed):
+def _ours(model, params, vocab, length, num_samples, seed, precision="float32"):
     start = time.perf_counter()
     texts = sampling.sample(
-        model, params, vocab, PROMPT, length, top_k=TOP_K, num_samples=num_samples, rng_seed=seed
+        model,
+        params,
+        vocab,
+        PROMPT,
+        length,
+        top_k=TOP_K,
+        num_samples=num_samples,
+        rng_seed=seed,
+        precision=precision,
     )
     elapsed = time.perf_counter() - start
     assert len(texts) == num_samples and all(len(t) == length for t in texts)
@@ -106,6 +115,7 @@ def main():
         "reference": lambda seed: _reference(reference, prompt_ids, args.reference_length, seed),
         "ours_1": lambda seed: _ours(model, params, vocab, args.length, 1, seed),
         "ours_64": lambda seed: _ours(model, params, vocab, args.length, 64, seed),
+        "ours_64_bf16": lambda seed: _ours(model, params, vocab, args.length, 64, seed, "bfloat16"),
     }
     rates = {name: [] for name in runners}
     for repeat in range(args.repeats):  # take turns, so load changes hit all three alike
@@ -128,6 +138,8 @@ def main():
         "ours_64_chars_per_s": median["ours_64"],
         "speedup_1": median["ours_1"] / median["reference"],
         "speedup_64": median["ours_64"] / median["reference"],
+        "ours_64_bfloat16_chars_per_s": median["ours_64_bf16"],
+        "speedup_64_bfloat16": median["ours_64_bf16"] / median["reference"],
         "compile_s_1_stream": compile_1,
         "compile_s_64_streams": compile_64,
         "repeats": args.repeats,
@@ -143,6 +155,10 @@ def main():
     print(
         f"{'charlstm-jax, 64 streams (total)':<34}{median['ours_64']:>12.0f}"
         f"{figures['speedup_64']:>14.1f}"
+    )
+    print(
+        f"{'charlstm-jax, 64 streams, bfloat16':<34}{median['ours_64_bf16']:>12.0f}"
+        f"{figures['speedup_64_bfloat16']:>14.1f}"
     )
     print(
         f"first call (compile + 256 chars): 1 stream {compile_1:.1f} s, "

@@ -20,6 +20,8 @@ drops entries of each recurrent kernel (DropConnect, one mask per batch, shared 
 and `embed_drop` drops whole characters (rows of the first layer's input kernel).
 """
 
+from typing import Any
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -50,6 +52,20 @@ def gate_activations(z: jax.Array) -> jax.Array:
     return jnp.tanh(z * half) * half + (1.0 - half)
 
 
+def matmul(x: jax.Array, kernel: jax.Array, product_dtype: Any = None) -> jax.Array:
+    """`x @ kernel`; with `product_dtype` (bfloat16) both are rounded to it, summed in float32.
+
+    Only the sampler asks for bfloat16 (`sampling.fast_products`): on CPUs with bfloat16
+    instructions (and on GPUs and TPUs) the products run about 1.8x faster, at the cost of
+    logits that differ from float32's by about 1e-2. Training is always float32.
+    """
+    if product_dtype is None:
+        return x @ kernel
+    return jnp.dot(
+        x.astype(product_dtype), kernel.astype(product_dtype), preferred_element_type=jnp.float32
+    )
+
+
 class LSTMCell(nn.Module):
     """One time step of the recurrence, given the step's precomputed input gates.
 
@@ -59,6 +75,7 @@ class LSTMCell(nn.Module):
     """
 
     hidden_size: int
+    product_dtype: Any = None
 
     @nn.compact
     def __call__(self, carry: LayerCarry, gate_inputs: jax.Array, kernel_mask=None):
@@ -69,7 +86,7 @@ class LSTMCell(nn.Module):
         )
         if kernel_mask is not None:  # weight drop: the same scaled mask at every step
             recurrent_kernel = recurrent_kernel * kernel_mask
-        gates = gate_activations(gate_inputs + h @ recurrent_kernel)
+        gates = gate_activations(gate_inputs + matmul(h, recurrent_kernel, self.product_dtype))
         i, f, g, o = jnp.split(gates, 4, axis=-1)
         c = f * c + i * g
         h = o * jnp.tanh(c)
@@ -156,6 +173,7 @@ class Recurrence(nn.Module):
     hidden_size: int
     fused_backward: bool = True
     unroll: int = 1
+    product_dtype: Any = None
 
     @nn.compact
     def __call__(self, carry: LayerCarry, gate_inputs: jax.Array, kernel_mask=None):
@@ -166,7 +184,7 @@ class Recurrence(nn.Module):
             in_axes=(0, nn.broadcast),
             out_axes=0,
             unroll=self.unroll,
-        )(self.hidden_size, name="cell")
+        )(self.hidden_size, self.product_dtype, name="cell")
 
         def run(mdl, carry, gate_inputs, kernel_mask):
             carry, (hs, _, _) = mdl(carry, gate_inputs, kernel_mask)
@@ -209,6 +227,7 @@ class LSTMLayer(nn.Module):
     unroll: int = 1
     weight_drop: float = 0.0
     embed_drop: float = 0.0  # only for ids input: drops whole rows of the input kernel
+    product_dtype: Any = None
 
     @nn.compact
     def __call__(self, carry: LayerCarry, inputs: jax.Array, train: bool = False):
@@ -224,13 +243,21 @@ class LSTMLayer(nn.Module):
             # Bias added to the 71 rows before the gather, not to the T * B rows after it.
             gate_inputs = jnp.take(input_kernel + bias, inputs, axis=0)
         else:
-            gate_inputs = project(inputs, input_kernel) + bias
+            if self.product_dtype is None:
+                gate_inputs = project(inputs, input_kernel) + bias
+            else:
+                gate_inputs = matmul(inputs, input_kernel, self.product_dtype) + bias
         kernel_mask = None
         if train and self.weight_drop > 0:
             kernel_mask = self._mask(self.weight_drop, (self.hidden_size, 4 * self.hidden_size))
-        return Recurrence(self.hidden_size, self.fused_backward, self.unroll, name="recurrence")(
-            carry, gate_inputs, kernel_mask
+        recurrence = Recurrence(
+            self.hidden_size,
+            self.fused_backward,
+            self.unroll,
+            self.product_dtype,
+            name="recurrence",
         )
+        return recurrence(carry, gate_inputs, kernel_mask)
 
     def _mask(self, rate: float, shape) -> jax.Array:
         """A dropout mask scaled by `1 / (1 - rate)`, from the `dropout` rng stream."""
@@ -256,9 +283,12 @@ class CharLSTM(nn.Module):
     variational_dropout: bool = False
     weight_drop: float = 0.0
     embed_drop: float = 0.0
+    product_dtype: Any = None  # None: float32; bfloat16 only for sampling (see `matmul`)
 
     @nn.compact
     def __call__(self, carry: Carry, ids: jax.Array, train: bool = False):
+        if train and self.product_dtype is not None:
+            raise ValueError("product_dtype is for sampling only; train with product_dtype=None.")
         x = ids.T  # time-major inside: the scan walks the leading axis
         new_carry = []
         for layer, layer_carry in enumerate(carry):
@@ -270,6 +300,7 @@ class CharLSTM(nn.Module):
                 self.unroll,
                 weight_drop=self.weight_drop,
                 embed_drop=self.embed_drop if layer == 0 else 0.0,
+                product_dtype=self.product_dtype,
                 name=f"lstm_{layer}",
             )(layer_carry, x, train)
             new_carry.append(layer_carry)

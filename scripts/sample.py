@@ -32,6 +32,12 @@ _TEXT = flags.DEFINE_string(
 _DROP_UNKNOWN = flags.DEFINE_bool(
     "drop_unknown", False, "Leave out prompt characters the model never saw instead of failing."
 )
+_PRECISION = flags.DEFINE_enum(
+    "precision",
+    "float32",
+    list(sampling.PRECISIONS),
+    "bfloat16: LSTM products in bfloat16, faster on CPUs with bfloat16 instructions, GPUs, TPUs.",
+)
 
 
 def _write(text: str) -> None:
@@ -50,6 +56,7 @@ def main(argv):
         num_samples=_NUM_SAMPLES.value,
         rng_seed=_RNG_SEED.value,
         drop_unknown=_DROP_UNKNOWN.value,
+        precision=_PRECISION.value,
     )
     epochs = checkpoint.select_epochs(_WORKDIR.value, _EPOCH.value)
     for epoch in epochs:

@@ -121,6 +121,7 @@ def test_length_counts_new_characters_and_empty_prompt_starts_a_paragraph(model_
         ({"length": -1}, "length must be a non-negative integer"),
         ({"num_samples": 0}, "num_samples must be a positive integer"),
         ({"prompt": "pigs€ and 🐖"}, "never saw: '€🐖'"),
+        ({"precision": "float16"}, "precision must be one of float32, bfloat16"),
     ],
 )
 def test_bad_options_give_one_sentence(model_and_params, options, message):
@@ -159,6 +160,40 @@ def test_overfit_model_reproduces_its_phrase_greedily(phrase_run):
     assert loaded.epoch == 3
     (text,) = sampling.sample(loaded.model, loaded.params, loaded.vocab, "the pigs", 48, top_k=1)
     assert text == (" rule the farm. the pigs" * 2)
+
+
+def test_bfloat16_products_stay_close_to_float32(model_and_params):
+    model, params = model_and_params
+    fast_model, fast_params = sampling.with_precision(model, params, "bfloat16")
+    kernel = fast_params["lstm_1"]["recurrence"]["cell"]["recurrent_kernel"]
+    assert kernel.dtype == jnp.bfloat16 and fast_params["head"]["kernel"].dtype == jnp.float32
+    ids = jnp.asarray(VOCAB.encode("the pigs rule the farm, and the dogs")[None])
+    _, exact = sampling.prime(model, params, ids)
+    _, fast = sampling.prime(fast_model, fast_params, ids)
+    assert fast.dtype == jnp.float32
+    difference = float(jnp.max(jnp.abs(fast - exact)))
+    assert 0 < difference < 0.1 * float(jnp.std(exact))  # rounded, yet the same distribution
+
+
+def test_bfloat16_sampler_reproduces_the_phrase(phrase_run):
+    loaded = checkpoint.load_checkpoint(phrase_run)
+    (text,) = sampling.sample(
+        loaded.model, loaded.params, loaded.vocab, "the pigs", 48, top_k=1, precision="bfloat16"
+    )
+    assert text == (" rule the farm. the pigs" * 2)
+
+
+def test_bfloat16_model_refuses_to_train(model_and_params):
+    model, params = model_and_params
+    fast_model, fast_params = sampling.with_precision(model, params, "bfloat16")
+    with pytest.raises(ValueError, match="product_dtype is for sampling only"):
+        fast_model.apply(
+            {"params": fast_params},
+            fast_model.initialize_carry(1),
+            jnp.zeros((1, 3), int),
+            train=True,
+            rngs={"dropout": jax.random.key(0)},
+        )
 
 
 def _sample_cli(*args):
