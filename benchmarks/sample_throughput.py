@@ -5,9 +5,8 @@
 At the reference size (2 x 512, vocabulary 71, top-k 5): characters per second of the reference
 loop (one PyTorch call, a softmax, a top-k and numpy's choice per character), of our sampler for
 1 stream and for 64 streams drawn in one call (also with `precision="bfloat16"`), and our
-first-call compile time. The samplers
-take turns, each turn an untimed call then a timed one, and medians are reported, since the
-machine is shared and noisy.
+first-call compile time. The samplers take turns, each turn an untimed call then a timed one,
+and medians are reported, since the machine is shared and noisy.
 """
 
 import argparse
@@ -118,7 +117,7 @@ def main():
         "ours_64_bf16": lambda seed: _ours(model, params, vocab, args.length, 64, seed, "bfloat16"),
     }
     rates = {name: [] for name in runners}
-    for repeat in range(args.repeats):  # take turns, so load changes hit all three alike
+    for repeat in range(args.repeats):  # take turns, so load changes hit all alike
         for name, run in runners.items():
             # One untimed call first: right after another sampler ran, caches hold its data
             # and PyTorch's idle threads still spin, which would charge one for the other.

@@ -55,7 +55,7 @@ def gate_activations(z: jax.Array) -> jax.Array:
 def matmul(x: jax.Array, kernel: jax.Array, product_dtype: Any = None) -> jax.Array:
     """`x @ kernel`; with `product_dtype` (bfloat16) both are rounded to it, summed in float32.
 
-    Only the sampler asks for bfloat16 (`sampling.fast_products`): on CPUs with bfloat16
+    Only the sampler asks for bfloat16 (`sampling.with_precision`): on CPUs with bfloat16
     instructions (and on GPUs and TPUs) the products run about 1.8x faster, at the cost of
     logits that differ from float32's by about 1e-2. Training is always float32.
     """
