@@ -1,4 +1,4 @@
-"""What every script shares: quiet library logs, and user errors as one line, not a traceback."""
+"""What every script shares: the allocator setting, quiet library logs, user errors as one line."""
 
 import functools
 import logging as std_logging
@@ -9,6 +9,7 @@ from pathlib import Path
 import jax
 from absl import logging
 
+from charlstm_jax import allocator
 from charlstm_jax.errors import UserError
 
 
@@ -33,11 +34,12 @@ def enable_compilation_cache() -> None:
 
 
 def main_wrapper(main):
-    """Wrap an absl `main`: INFO logging for our lines, `UserError` printed as `error: ...`,
-    and the on-disk compilation cache."""
+    """Wrap an absl `main`: freed memory reused (see `allocator`), INFO logging for our lines,
+    `UserError` printed as `error: ...`, and the on-disk compilation cache."""
 
     @functools.wraps(main)
     def wrapped(argv):
+        allocator.reuse_freed_memory()  # before jax starts its threads
         enable_compilation_cache()
         logging.set_verbosity(logging.INFO)
         logging.get_absl_handler().addFilter(_OnlyOurs())
