@@ -102,9 +102,13 @@ def train_step(state: TrainState, carry, inputs, targets, dropout_key):
 
     (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
-    updated = state.apply_gradients(grads=grads)
-    state = jax.tree_util.tree_map(lambda new, old: jnp.where(finite, new, old), updated, state)
-    state = state.replace(step=updated.step)
+    # A branch, not a select of every array of the state: the update runs only when finite.
+    state = jax.lax.cond(
+        finite,
+        lambda state: state.apply_gradients(grads=grads),
+        lambda state: state.replace(step=state.step + 1),
+        state,
+    )
     metrics = {"loss": jnp.where(finite, loss, 0.0), "nonfinite": 1 - finite.astype(jnp.int32)}
     return state, jax.lax.stop_gradient(new_carry), metrics
 

@@ -143,3 +143,23 @@ def test_variational_dropout_keeps_one_mask_over_time():
     dropped = np.asarray(out[..., :H] == 0)  # [B, T, H]
     assert dropped.any() and not dropped.all()
     np.testing.assert_array_equal(dropped, np.broadcast_to(dropped[:, :1], dropped.shape))
+
+
+def test_dropout_drops_outputs_not_the_recurrence():
+    """As in `nn.LSTM`: a unit of the output is zero or its eval value / (1 - p), and the
+    carry that flows to the next step is the undropped one, so the final carry is eval's."""
+    model = CharLSTM(vocab_size=V, hidden_size=H, num_layers=1, drop_prob=0.5)
+    carry = model.initialize_carry(B)
+    params = model.init(jax.random.key(0), carry, _ids(17))["params"]
+    params = dict(params, head={"kernel": jnp.eye(H, V), "bias": jnp.zeros(V)})
+    eval_carry, plain = model.apply({"params": params}, carry, _ids(17), train=False)
+    train_carry, dropped = model.apply(
+        {"params": params}, carry, _ids(17), train=True, rngs={"dropout": jax.random.key(18)}
+    )
+    plain, dropped = np.asarray(plain[..., :H]), np.asarray(dropped[..., :H])
+    kept = dropped != 0
+    assert 0.4 < kept.mean() < 0.6
+    np.testing.assert_allclose(dropped[kept], 2 * plain[kept], rtol=1e-6)
+    leaves = zip(*map(jax.tree_util.tree_leaves, (train_carry, eval_carry)), strict=True)
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, rtol=1e-6)
