@@ -454,8 +454,10 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
                 )
                 state, carry, metrics = jit_train_step(state, carry, inputs, targets, dropout_key)
                 pending.append(metrics)
-                if len(pending) > 2:  # keep the progress bar honest, two steps in flight
-                    jax.block_until_ready(pending[-3]["loss"])
+                # One step at a time: a step queued behind another allocates its ~140 MB of
+                # temporaries before the running one frees its own, and freed memory kept for
+                # reuse (see `allocator`) then grows by a buffer per queued step.
+                jax.block_until_ready((state, carry, metrics))
                 batch_index += 1
                 step += 1
                 bar.update(1)
