@@ -20,7 +20,7 @@ from absl import logging
 from flax.training import train_state
 from tqdm import tqdm
 
-from charlstm_jax import checkpoint, data, parallel, plots
+from charlstm_jax import allocator, checkpoint, data, parallel, plots
 from charlstm_jax.config import get_config, validate_config
 from charlstm_jax.errors import UserError
 from charlstm_jax.metrics import MetricsWriter, NoMetrics, bits_per_char, read_metrics
@@ -427,6 +427,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
             config.patience,
         )
     chars_per_step = batch_size * config.window
+    compiled = False  # the train step and the validation pass
     with _StopRequest() as stop:
 
         def stop_requested(at_log: bool) -> bool:
@@ -455,8 +456,8 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
                 state, carry, metrics = jit_train_step(state, carry, inputs, targets, dropout_key)
                 pending.append(metrics)
                 # One step at a time: a step queued behind another allocates its ~140 MB of
-                # temporaries before the running one frees its own, and freed memory kept for
-                # reuse (see `allocator`) then grows by a buffer per queued step.
+                # temporaries before the running one frees its own, and with freed memory kept
+                # for reuse (see `allocator`) the heap then grows by a buffer per queued step.
                 jax.block_until_ready((state, carry, metrics))
                 batch_index += 1
                 step += 1
@@ -464,6 +465,11 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
                 at_log = batch_index % config.validation_counts == 0 or batch_index == num_batches
                 if at_log:
                     log_validation(batch_index)
+                    # Both programs are built by the first validation: from here on freed
+                    # memory is kept for reuse, if the process asked for it (see `allocator`).
+                    if not compiled:
+                        allocator.programs_compiled()
+                        compiled = True
                     speed = (step - started_step) * chars_per_step / (time.perf_counter() - started)
                     metrics_writer.write_speed(step, speed)
                     bar.set_postfix(loss=f"{last['train_loss']:.3f}", chars_per_s=f"{speed:.0f}")

@@ -7,8 +7,8 @@ import pytest
 
 from charlstm_jax import allocator
 
-# Minor page faults per train step after warm-up, in a fresh process (the setting must come
-# before other threads allocate). Measured here: about 24,000 without the setting, 0 with it.
+# The median of minor page faults per train step after warm-up, in a fresh process (the setting
+# must come before other threads allocate). Measured here: about 35,000 without it, 0 with it.
 PROBE = """
 import resource
 from charlstm_jax import allocator
@@ -22,16 +22,21 @@ carry = train.create_model(config, 71).initialize_carry(16)
 ids = jnp.zeros((16, 100), jnp.int32)
 step = jax.jit(train.train_step, donate_argnums=(0, 1))
 
-def run(steps):
+def run(steps):  # one step at a time, as the train loop runs them
     global state, carry
     for _ in range(steps):
-        state, carry, _ = step(state, carry, ids, ids, jax.random.key(1))
-    jax.block_until_ready(state)
+        state, carry, metrics = step(state, carry, ids, ids, jax.random.key(1))
+        jax.block_until_ready((state, carry, metrics))
 
 run(3)
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-run(3)
-print(applied, (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 3)
+allocator.programs_compiled()  # as the train loop does once its programs are built
+run(3)  # the heap finds its layout: a step or two may still fault
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    run(1)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(applied, sorted(faults)[2])
 """
 
 needs_glibc = pytest.mark.skipif(not allocator.is_glibc(), reason="mallopt is glibc's")
@@ -42,12 +47,13 @@ def test_a_train_step_reuses_the_pages_of_the_last_one():
     result = subprocess.run(
         [sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=300, check=True
     )
-    applied, faults_per_step = result.stdout.split()
+    applied, median_faults = result.stdout.split()
     assert applied == "True"
-    # The step's temporary buffer alone is about 100 MB: 24,000 pages, if it were fresh.
-    assert float(faults_per_step) < 1000
+    # The step's temporary buffer alone is about 140 MB: 35,000 pages, if it were fresh.
+    assert float(median_faults) < 1000
 
 
 def test_the_environment_can_keep_the_default_allocator(monkeypatch):
     monkeypatch.setenv(allocator.OPT_OUT, "1")
     assert allocator.reuse_freed_memory() is False
+    assert allocator.programs_compiled() is False  # a process that did not opt in is left alone
