@@ -26,6 +26,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 # One layer's carry is (c, h), each [B, H]; the model's carry is a tuple over layers.
 LayerCarry = tuple[jax.Array, jax.Array]
@@ -350,6 +351,28 @@ class CharLSTM(nn.Module):
             (jnp.zeros(shape, jnp.float32), jnp.zeros(shape, jnp.float32))
             for _ in range(self.num_layers)
         )
+
+
+def init_params(model: CharLSTM, key: jax.Array) -> dict:
+    """Params as PyTorch initialises the reference: every one U(-1/sqrt(H), 1/sqrt(H)).
+
+    The same distribution as `model.init` (`torch_uniform` on every parameter), drawn in one
+    random call and cut into the parameters: compiling flax's per-parameter draws took 0.9 s
+    of a fresh run's start-up, this 0.1 s.
+    """
+    ids = jnp.zeros((1, 1), jnp.int32)
+    shapes = jax.eval_shape(model.init, key, model.initialize_carry(1), ids)["params"]
+    leaves, treedef = jax.tree_util.tree_flatten(shapes)
+    bound = model.hidden_size**-0.5
+
+    @jax.jit
+    def draw(key):
+        flat = torch_uniform(bound)(key, (sum(leaf.size for leaf in leaves),))
+        cuts = np.cumsum([leaf.size for leaf in leaves])[:-1]
+        pieces = jnp.split(flat, cuts)
+        return [piece.reshape(leaf.shape) for piece, leaf in zip(pieces, leaves, strict=True)]
+
+    return jax.tree_util.tree_unflatten(treedef, draw(key))
 
 
 def model_from_config(config, vocab_size: int) -> CharLSTM:

@@ -24,7 +24,7 @@ from charlstm_jax import allocator, checkpoint, data, parallel, plots
 from charlstm_jax.config import get_config, validate_config
 from charlstm_jax.errors import UserError
 from charlstm_jax.metrics import MetricsWriter, NoMetrics, bits_per_char, read_metrics
-from charlstm_jax.model import CharLSTM, model_from_config
+from charlstm_jax.model import CharLSTM, init_params, model_from_config
 
 # Config keys a resumed run may change: the rest must match its checkpoint. The text may move
 # (its sha256 must match), and skip_nonfinite is what the non-finite error tells users to set.
@@ -74,11 +74,8 @@ def create_train_state(
 ) -> TrainState:
     """A fresh train state: params initialised from `key`, step 0."""
     model = create_model(config, vocab_size)
-    carry = model.initialize_carry(1)
-    # Jitted: flax's eager init of the scanned layers takes seconds, its compile a fraction.
-    params = jax.jit(model.init)(key, carry, jnp.zeros((1, 1), jnp.int32))["params"]
     tx = create_optimizer(config, steps_per_epoch)
-    return TrainState.create(apply_fn=model.apply, params=params, tx=tx)
+    return TrainState.create(apply_fn=model.apply, params=init_params(model, key), tx=tx)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:

@@ -53,7 +53,10 @@ def test_default_text_is_the_validation_tail_and_matches_training(trained_run):
 
 def test_any_text_file_and_unknown_characters(trained_run, tmp_path):
     other = tmp_path / "other.txt"
-    other.write_text("the farm rules the pigs! " * 40)
+    # The training phrase with "!" for ".": once the unknown "!" is dropped, a text the model
+    # knows. (A reordering of its words is not: the model memorises the phrase, and on "the
+    # farm rules the pigs" it was worse than uniform for two seeds in three.)
+    other.write_text("the pigs rule the farm! " * 40)
     result = run_script("evaluate.py", "--workdir", str(trained_run), "--text", str(other))
     assert result.returncode == 2
     assert "characters the model never saw: '!'" in result.stderr
@@ -64,7 +67,7 @@ def test_any_text_file_and_unknown_characters(trained_run, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     [[epoch, characters, loss, _, _]] = _table(result.stdout)
     assert epoch == 2 and 0 < loss < math.log(8)
-    assert characters == (24 * 40 - 1) // 64 * 64  # 4 streams of 16: whole batches only
+    assert characters == (23 * 40 - 1) // 64 * 64  # 4 streams of 16: whole batches only
 
 
 def test_best_epoch_and_bad_epoch(trained_run):

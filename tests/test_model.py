@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charlstm_jax.model import CharLSTM, count_params
+from charlstm_jax.model import CharLSTM, count_params, init_params
 
 V, H, L, B, T = 11, 16, 2, 3, 8
 
@@ -163,3 +163,23 @@ def test_dropout_drops_outputs_not_the_recurrence():
     leaves = zip(*map(jax.tree_util.tree_leaves, (train_carry, eval_carry)), strict=True)
     for a, b in leaves:
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+def test_init_params_draws_pytorch_s_uniform_for_every_parameter(model_and_params):
+    """`init_params` gives `model.init`'s tree, each parameter U(-1/sqrt(H), 1/sqrt(H))."""
+    model, flax_params = model_and_params
+    params = init_params(model, jax.random.key(3))
+    assert jax.tree_util.tree_structure(params) == jax.tree_util.tree_structure(flax_params)
+    bound = H**-0.5
+    for leaf, flax_leaf in zip(*map(jax.tree_util.tree_leaves, (params, flax_params)), strict=True):
+        assert leaf.shape == flax_leaf.shape and leaf.dtype == flax_leaf.dtype
+        assert np.all(np.abs(leaf) <= bound)
+    values = np.concatenate([np.ravel(leaf) for leaf in jax.tree_util.tree_leaves(params)])
+    # A uniform on [-b, b] has mean 0 and standard deviation b / sqrt(3).
+    assert abs(values.mean()) < 0.05 * bound
+    assert abs(values.std() - bound / np.sqrt(3)) < 0.05 * bound
+    again = init_params(model, jax.random.key(3))
+    other = init_params(model, jax.random.key(4))
+    first = jax.tree_util.tree_leaves(params)[0]
+    np.testing.assert_array_equal(first, jax.tree_util.tree_leaves(again)[0])
+    assert not np.array_equal(first, jax.tree_util.tree_leaves(other)[0])
