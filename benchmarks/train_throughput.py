@@ -13,9 +13,21 @@ In one run, alternating the two so that load changes hit both alike (medians rep
 - one whole epoch as a user runs it (`scripts/train.py`, a fresh process: start-up, compilation,
   training and validation every 10 steps) against the reference's epoch loop in a fresh
   process, with the peak resident memory of each.
+
+The memory allocator: our scripts make glibc keep freed memory (`charlstm_jax.allocator`),
+which spares a trainer the page faults of a fresh 140 MB buffer each step. This process sets it
+too, before torch starts its threads, so the in-process comparison is like for like; a child
+process repeats the step comparison with glibc's defaults for both. Whole epochs run the
+reference as it ships (glibc's defaults) and with the same setting as ours.
 """
 
+# ruff: noqa: E402 (the allocator must be set before the imports below start their threads)
+from charlstm_jax import allocator
+
+ALLOCATOR_TUNED = allocator.reuse_freed_memory()
+
 import argparse
+import functools
 import json
 import os
 import platform
@@ -48,16 +60,17 @@ def step_flops(batch: int, window: int, hidden: int, layers: int, vocab: int) ->
     """Matrix-product FLOPs of one training step (forward, and backward at twice the forward).
 
     The first layer's one-hot input product is a row gather (no FLOPs), so is its gradient.
-    Returns the recurrent (thin, per time step) and the large (all steps at once) parts.
+    Returns the thin parts (one product per time step: `h @ W_hh` forward, `dz @ W_hh^T`
+    backward) and the large part (all steps at once: input products, weight gradients, head).
     """
     rows = batch * window
     recurrent = layers * 2 * rows * hidden * 4 * hidden  # h @ W_hh, each time step
     inputs = (layers - 1) * 2 * rows * hidden * 4 * hidden  # x @ W_ih, layers above the first
     head = 2 * rows * hidden * vocab
     # Backward: recurrent dh (thin, per step) + dW_hh (large); inputs and head twice (large).
-    thin = recurrent * 2
     large = recurrent + 3 * inputs + 3 * head
-    return {"thin": thin, "large": large, "total": thin + large}
+    total = 2 * recurrent + large
+    return {"thin_forward": recurrent, "thin_backward": recurrent, "large": large, "total": total}
 
 
 def _time(fn, repeats: int) -> list[float]:
@@ -84,37 +97,51 @@ def alternate(runners: dict, timed: int, per_turn: int = 2) -> dict:
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def matmul_ceiling(batch: int, window: int, hidden: int, repeats: int = 5) -> dict:
-    """GFLOP/s of the step's two kinds of product, measured alone with XLA.
+def matmul_ceiling(batch: int, window: int, hidden: int, repeats: int = 9) -> dict:
+    """GFLOP/s of the step's three kinds of product, each measured alone with XLA.
 
-    Thin: `window` dependent `[batch, H] x [H, 4H]` products in a scan (the recurrence's shape);
-    large: one `[batch * window, H] x [H, 4H]` product (input projections, weight gradients).
+    Thin forward: `window` dependent `[batch, H] x [H, 4H]` products in a scan (the
+    recurrence's shape); thin backward: the same with `[batch, 4H] x [4H, H]` (the backward
+    scan's); large: one `[batch * window, H] x [H, 4H]` product (input products, weight
+    gradients).
     """
     key = jax.random.key(0)
     w = jax.random.normal(key, (hidden, 4 * hidden)) / hidden
+    w_t = jnp.asarray(np.asarray(w).T)
     h0 = jax.random.normal(key, (batch, hidden))
     x = jax.random.normal(key, (batch * window, hidden))
 
-    @jax.jit
-    def thin(h):
-        def body(h, _):
-            # Every column of the product is used, as in the LSTM (XLA would shrink a product
-            # whose output is only partly used).
-            i, f, g, o = jnp.split(h @ w, 4, axis=-1)
-            return jnp.tanh(i) * jnp.tanh(f) + jnp.tanh(g) * jnp.tanh(o), None
+    def chain(step):
+        return jax.jit(lambda h: jax.lax.scan(lambda h, _: (step(h), None), h, None, window)[0])
 
-        return jax.lax.scan(body, h, None, length=window)[0]
+    # Every column of each product is used, as in the LSTM (XLA would shrink a product whose
+    # output is only partly used).
+    def forward(h):
+        i, f, g, o = jnp.split(h @ w, 4, axis=-1)
+        return jnp.tanh(i) * jnp.tanh(f) + jnp.tanh(g) * jnp.tanh(o)
 
-    large = jax.jit(lambda x: x @ w)
-    thin(h0).block_until_ready()
-    large(x).block_until_ready()
-    t_thin = statistics.median(_time(lambda: thin(h0).block_until_ready(), repeats))
-    t_large = statistics.median(_time(lambda: large(x).block_until_ready(), repeats))
-    flops = 2 * batch * hidden * 4 * hidden
-    return {
-        "thin_gflops": window * flops / t_thin / 1e9,
-        "large_gflops": window * flops / t_large / 1e9,
+    def backward(dz):
+        dh = jnp.tanh(dz @ w_t)
+        return jnp.concatenate([dh, -dh, 0.5 * dh, dh], axis=-1)
+
+    runs = {
+        "thin_forward": (chain(forward), h0),
+        "thin_backward": (chain(backward), jnp.tile(h0, 4)),
+        "large": (jax.jit(lambda x: x @ w), x),
     }
+    flops = window * 2 * batch * hidden * 4 * hidden
+    ceiling = {}
+    for name, (fn, arg) in runs.items():
+        run = functools.partial(lambda fn, arg: fn(arg).block_until_ready(), fn, arg)
+        run()
+        # The best of the repeats: a ceiling is what the products reach when nothing disturbs.
+        ceiling[f"{name}_gflops"] = flops / min(_time(run, repeats)) / 1e9
+    return ceiling
+
+
+def floor_seconds(flops: dict, ceiling: dict) -> float:
+    """The step's time if every product ran at its kind's ceiling and nothing else took time."""
+    return sum(flops[kind] / (ceiling[f"{kind}_gflops"] * 1e9) for kind in flops if kind != "total")
 
 
 class Ours:
@@ -179,6 +206,7 @@ def compare(hidden: int, batch: int, window: int, steps: int, warmup: int = 2) -
     for _ in range(warmup):
         ours.step()
         reference.step()
+    allocator.programs_compiled()  # as the train loop does once its programs are built
     medians = alternate({"ours": ours.step, "reference": reference.step}, steps)
     ours_s, reference_s = medians["ours"], medians["reference"]
     chars = batch * window
@@ -198,6 +226,7 @@ def compare(hidden: int, batch: int, window: int, steps: int, warmup: int = 2) -
 def validation_cost(ours: Ours, reference: Reference, repeats: int) -> dict:
     """Median seconds of one validation pass (10 windows) for both, alternating."""
     ours.validate()  # compile
+    allocator.programs_compiled()
     return alternate({"ours": ours.validate, "reference": reference.validate}, repeats)
 
 
@@ -260,23 +289,47 @@ def _timed_process(command: list[str], env: dict | None = None) -> dict:
     return {"seconds": elapsed, "peak_rss_gib": peak}
 
 
+# glibc's settings that `allocator` makes, as environment variables: the reference compiles
+# nothing, so it has them from its start.
+TUNED_MALLOC_ENV = {
+    "MALLOC_ARENA_MAX": "1",
+    "MALLOC_MMAP_MAX_": "0",
+    "MALLOC_TRIM_THRESHOLD_": str(allocator.INT_MAX),
+}
+DEFAULT_MALLOC_ENV = {allocator.OPT_OUT: "1"}
+
+# The whole-epoch runs: (name, what it is); the reference as it ships comes first.
+EPOCH_RUNS = [
+    ("reference", "reference, glibc's allocator (as it ships)"),
+    ("reference_tuned_allocator", "reference, with our allocator setting"),
+    ("ours", "ours, first run (cold compilation cache)"),
+    ("ours_warm_cache", "ours, later runs (warm cache)"),
+    ("ours_default_allocator", "ours, warm cache, glibc's allocator"),
+]
+
+
 def epoch_comparison(text: Path, rounds: int) -> dict:
     """One epoch of the reference configuration, whole process, ours and the reference's.
 
-    Ours runs twice per round: with a cold compilation cache (a user's first run) and again
-    with the cache that run left (every later run: a resumed run, another epoch count). The
-    rounds alternate the three; medians of the wall times, the highest peak memory.
+    Each round runs the reference as it ships and with our allocator setting, and ours with a
+    cold compilation cache (a user's first run), with the cache that run left (every later
+    run: a resumed run, another epoch count), and with that cache but glibc's allocator.
+    Medians of the wall times, the highest peak memory.
     """
-    runs = {"reference": [], "ours": [], "ours_warm_cache": []}
+    runs = {name: [] for name, _ in EPOCH_RUNS}
     with tempfile.TemporaryDirectory() as tmp:
         script = Path(tmp) / "reference_epoch.py"
         script.write_text(REFERENCE_EPOCH)
+        reference = [sys.executable, str(script), str(text), f"{tmp}/ref.pt"]
         for i in range(rounds):
-            runs["reference"].append(
-                _timed_process([sys.executable, str(script), str(text), f"{tmp}/ref.pt"])
-            )
+            runs["reference"].append(_timed_process(reference))
+            runs["reference_tuned_allocator"].append(_timed_process(reference, TUNED_MALLOC_ENV))
             cache = {"JAX_COMPILATION_CACHE_DIR": f"{tmp}/xla{i}"}
-            for name in ("ours", "ours_warm_cache"):  # the first fills the cache
+            for name, env in [
+                ("ours", cache),  # fills the cache
+                ("ours_warm_cache", cache),
+                ("ours_default_allocator", {**cache, **DEFAULT_MALLOC_ENV}),
+            ]:
                 command = [
                     sys.executable,
                     "scripts/train.py",
@@ -286,7 +339,7 @@ def epoch_comparison(text: Path, rounds: int) -> dict:
                     f"--config.data_path={text}",
                     f"--workdir={tmp}/run_{name}_{i}",
                 ]
-                runs[name].append(_timed_process(command, env=cache))
+                runs[name].append(_timed_process(command, env=env))
     result = {
         name: {
             "seconds": statistics.median(r["seconds"] for r in rs),
@@ -295,10 +348,34 @@ def epoch_comparison(text: Path, rounds: int) -> dict:
         }
         for name, rs in runs.items()
     }
-    reference_s = result["reference"]["seconds"]
-    result["speedup"] = reference_s / result["ours"]["seconds"]
-    result["speedup_warm_cache"] = reference_s / result["ours_warm_cache"]["seconds"]
+    shipped, tuned = result["reference"]["seconds"], result["reference_tuned_allocator"]["seconds"]
+    ours, warm = result["ours"]["seconds"], result["ours_warm_cache"]["seconds"]
+    result["speedup"] = shipped / ours
+    result["speedup_warm_cache"] = shipped / warm
+    result["speedup_same_allocator"] = tuned / ours
+    result["speedup_same_allocator_warm_cache"] = tuned / warm
     return result
+
+
+def default_allocator_comparison(steps: int) -> dict:
+    """The step and validation comparison again, in a child process on glibc's defaults."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "default.json"
+        command = [sys.executable, __file__, "--no_sweep", "--no_epoch", f"--steps={steps}"]
+        subprocess.run(
+            [*command, f"--json={out}"],
+            cwd=REPO,
+            env={**os.environ, **DEFAULT_MALLOC_ENV},
+            check=True,
+            stdout=subprocess.DEVNULL,
+        )
+        figures = json.loads(out.read_text())
+    return {
+        "speedup": figures["speedup"],
+        "ours_step_s": figures["ours_step_s"],
+        "reference_step_s": figures["reference_step_s"],
+        "validation_s": figures["validation_s"],
+    }
 
 
 def _row(label, *cells) -> str:
@@ -315,10 +392,14 @@ def _row(label, *cells) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--json", help="also write the figures to this JSON file")
-    parser.add_argument("--steps", type=int, default=12, help="timed steps at the reference size")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps at the reference size")
     parser.add_argument("--sweep_steps", type=int, default=5)
     parser.add_argument("--no_sweep", action="store_true")
     parser.add_argument("--no_epoch", action="store_true")
+    parser.add_argument(
+        "--no_default_allocator", action="store_true",
+        help="skip the child process that compares the steps on glibc's default allocator",
+    )  # fmt: skip
     parser.add_argument("--epoch_rounds", type=int, default=2, help="whole-epoch runs of each")
     parser.add_argument(
         "--text", default=str(REPO.parent / "shared" / "data" / "animal_farm.txt"),
@@ -331,16 +412,17 @@ def main():
         f"{platform.machine()}, {os.cpu_count()} cores, jax {jax.__version__} "
         f"on {jax.devices()[0].platform}, torch {torch.__version__}"
     )
-    print(f"Training step at the reference configuration on {hardware}")
+    allocation = "our allocator setting" if ALLOCATOR_TUNED else "glibc's default allocator"
+    print(f"Training step at the reference configuration on {hardware}; both with {allocation}")
+    ceiling = matmul_ceiling(16, 100, 512)  # first: torch's idle threads would slow it
     main_result = compare(512, 16, 100, args.steps)
     ours, reference = main_result.pop("_runners")
     flops = step_flops(16, 100, 512, 2, VOCAB_SIZE)
-    ceiling = matmul_ceiling(16, 100, 512)
-    floor_s = flops["thin"] / (ceiling["thin_gflops"] * 1e9)
-    floor_s += flops["large"] / (ceiling["large_gflops"] * 1e9)
+    floor_s = floor_seconds(flops, ceiling)
     validation = validation_cost(ours, reference, repeats=5)
     figures = {
         "hardware": hardware,
+        "allocator_tuned": ALLOCATOR_TUNED,
         "speedup": main_result["speedup"],
         **{k: v for k, v in main_result.items() if k not in ("hidden", "batch")},
         "gflop_per_step": flops["total"] / 1e9,
@@ -348,7 +430,9 @@ def main():
         "ceiling": ceiling,
         "floor_step_s": floor_s,
         "fraction_of_floor": floor_s / main_result["ours_step_s"],
+        "reference_fraction_of_floor": floor_s / main_result["reference_step_s"],
         "validation_s": validation,
+        "validation_speedup": validation["reference"] / validation["ours"],
     }
     r = main_result
     print(_row("", "step (s)", "chars/s", "x ref"))
@@ -357,15 +441,26 @@ def main():
     print(f"first call (compile): {r['compile_s']:.1f} s")
     print(
         f"{flops['total'] / 1e9:.1f} GFLOP per step, ours at {figures['ours_gflops']:.1f} "
-        f"GFLOP/s; products alone: thin {ceiling['thin_gflops']:.1f}, large "
-        f"{ceiling['large_gflops']:.1f} GFLOP/s -> floor {floor_s:.3f} s/step; "
-        f"ours reaches {figures['fraction_of_floor']:.0%} of the floor's speed"
+        f"GFLOP/s; products alone: thin forward {ceiling['thin_forward_gflops']:.0f}, thin "
+        f"backward {ceiling['thin_backward_gflops']:.0f}, large {ceiling['large_gflops']:.0f} "
+        f"GFLOP/s -> floor {floor_s:.3f} s/step; ours reaches "
+        f"{figures['fraction_of_floor']:.0%} of the floor's speed, the reference "
+        f"{figures['reference_fraction_of_floor']:.0%}"
     )
-    ratio = validation["reference"] / validation["ours"]
     print(
         f"validation pass (10 windows of 16 x 100): ours {validation['ours']:.2f} s, "
-        f"reference {validation['reference']:.2f} s ({ratio:.2f}x)"
+        f"reference {validation['reference']:.2f} s ({figures['validation_speedup']:.2f}x)"
     )
+    if ALLOCATOR_TUNED and not args.no_default_allocator:
+        default = default_allocator_comparison(args.steps)
+        figures["default_allocator"] = default
+        figures["speedup_default_allocator"] = default["speedup"]
+        print(
+            f"both on glibc's default allocator (a child process): step ours "
+            f"{default['ours_step_s']:.3f} s, reference {default['reference_step_s']:.3f} s "
+            f"({default['speedup']:.2f}x); validation ours {default['validation_s']['ours']:.2f} "
+            f"s, reference {default['validation_s']['reference']:.2f} s"
+        )
 
     if not args.no_sweep:
         sweep = []
@@ -389,21 +484,31 @@ def main():
     if not args.no_epoch:
         epoch = epoch_comparison(Path(args.text), args.epoch_rounds)
         figures["epoch"] = epoch
-        ours_e, warm_e, ref_e = epoch["ours"], epoch["ours_warm_cache"], epoch["reference"]
+        shipped = epoch["reference"]["seconds"]
+        print(f"\none epoch, whole process (median of {args.epoch_rounds}):")
+        header = _row("", "seconds", "peak GiB", "x ref")[22:]
+        print(f"{'':<44}{header}  (x ref: against the reference as it ships)")
+        for name, label in EPOCH_RUNS:
+            run = epoch[name]
+            print(
+                f"{label:<44}"
+                + _row("", run["seconds"], run["peak_rss_gib"], shipped / run["seconds"])[22:]
+            )
+        print(
+            "against the reference with our allocator setting: "
+            f"{epoch['speedup_same_allocator']:.2f}x (first run), "
+            f"{epoch['speedup_same_allocator_warm_cache']:.2f}x (warm cache)"
+        )
         # Validation passes per epoch: ours at steps 10, ..., 90 and at the epoch's end (94),
         # the reference's at 10, ..., 90.
-        share = 10 * validation["ours"] / ours_e["seconds"]
-        ref_share = 9 * validation["reference"] / ref_e["seconds"]
+        share = 10 * validation["ours"] / epoch["ours_warm_cache"]["seconds"]
+        ref_share = 9 * validation["reference"] / epoch["reference_tuned_allocator"]["seconds"]
         print(
-            f"\none epoch, whole process (median of {args.epoch_rounds}): reference "
-            f"{ref_e['seconds']:.1f} s (peak RSS {ref_e['peak_rss_gib']:.2f} GiB, validation "
-            f"~{ref_share:.0%}); ours {ours_e['seconds']:.1f} s with a cold compilation cache "
-            f"({epoch['speedup']:.2f}x; peak RSS {ours_e['peak_rss_gib']:.2f} GiB, validation "
-            f"~{share:.0%}), {warm_e['seconds']:.1f} s with a warm one "
-            f"({epoch['speedup_warm_cache']:.2f}x)"
+            f"validation's share of an epoch: ours ~{share:.0%}, the reference's ~{ref_share:.0%}"
         )
         figures["epoch_speedup"] = epoch["speedup"]
         figures["epoch_speedup_warm_cache"] = epoch["speedup_warm_cache"]
+        figures["epoch_speedup_same_allocator"] = epoch["speedup_same_allocator"]
         figures["validation_share_of_epoch"] = {"ours": share, "reference": ref_share}
     if args.json:
         with open(args.json, "w") as f:
