@@ -166,7 +166,9 @@ class Ours:
         self.state, self.carry, metrics = self.step_fn(
             self.state, self.carry, self.inputs, self.targets, self.key
         )
-        metrics["loss"].block_until_ready()
+        # All of the step, as the train loop waits for it: the next step must not allocate
+        # its buffer before this one has freed its own (see `charlstm_jax.allocator`).
+        jax.block_until_ready((self.state, self.carry, metrics))
 
     def validate(self):
         carry = self.model.initialize_carry(self.valid.shape[1])
