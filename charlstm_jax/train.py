@@ -75,7 +75,14 @@ def create_train_state(
     """A fresh train state: params initialised from `key`, step 0."""
     model = create_model(config, vocab_size)
     tx = create_optimizer(config, steps_per_epoch)
-    return TrainState.create(apply_fn=model.apply, params=init_params(model, key), tx=tx)
+
+    # One program for the params, Adam's zeros and the step: run op by op, each of them
+    # compiled a program of its own in a fresh run.
+    @jax.jit
+    def create(key):
+        return TrainState.create(apply_fn=model.apply, params=init_params(model, key), tx=tx)
+
+    return create(key)
 
 
 def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
