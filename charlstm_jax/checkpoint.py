@@ -11,8 +11,10 @@ position in the epoch) is what a resumed run needs on top.
 """
 
 import hashlib
+import logging as std_logging
 import math
 import sys
+import traceback
 from pathlib import Path
 from typing import NamedTuple
 
@@ -73,17 +75,32 @@ def _restore_args(abstract_params, abstract_state=None):
     return ocp.args.Composite(**items)
 
 
+class _FailedReadEchoes(std_logging.Filter):
+    """Drops asyncio's "Task exception was never retrieved" reports of orbax's array reads."""
+
+    def filter(self, record: std_logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Task exception was never retrieved"):
+            return True
+        details = message
+        if record.exc_info:
+            details += "".join(traceback.format_exception(*record.exc_info))
+        return "_read_array_index" not in details and "_read_shard" not in details
+
+
 def _silence_failed_read_echoes() -> None:
     """Drop the echoes of a failed restore, from now on in this process (installed once).
 
     When one array of a damaged checkpoint cannot be read, the reads still pending fail again
     in orbax's threads as its event loop closes (then or at exit), and Python would print each
-    as an "Exception ignored" traceback after our one-sentence error. Only those echoes are
-    dropped; any other unraisable exception goes to the previous hook.
+    as an "Exception ignored" traceback, or asyncio would log it as a task exception never
+    retrieved, after our one-sentence error. Only those echoes are dropped; any other
+    unraisable exception goes to the previous hook, any other asyncio report is logged.
     """
     previous = sys.unraisablehook
     if getattr(previous, "charlstm_jax_filter", False):
         return
+    std_logging.getLogger("asyncio").addFilter(_FailedReadEchoes())
 
     def hook(unraisable):
         closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "loop is closed" in str(
