@@ -11,10 +11,11 @@ again: no faults.
 
 The price is memory: what the process frees stays resident. Compiling a program allocates and
 frees hundreds of megabytes, so the heap is kept only from `programs_compiled()` on, once the
-train loop has built its programs: a one-epoch run of the reference model then peaks at about
-0.9 GiB, against 0.65 with glibc's defaults throughout (and up to 1.6 when the heap was kept
-from the start). The train loop also runs one step at a time, since a step queued behind another
-allocates its buffer before the running one frees its own.
+train loop has built its programs: a one-epoch run of the reference model then peaks at
+0.9-1.2 GiB (the more on a first run, which compiles), against 0.55 with glibc's defaults
+throughout (and up to 1.6 when the heap was kept from the start). The train loop also runs
+one step at a time, since a step queued behind another allocates its buffer before the running
+one frees its own.
 
 A program opts in with `reuse_freed_memory()`, first thing (the scripts do): the arena setting
 must come before threads that allocate exist. Those of numpy and jax are created later or do
