@@ -88,6 +88,9 @@ class _FailedReadEchoes(std_logging.Filter):
         return "_read_array_index" not in details and "_read_shard" not in details
 
 
+_FAILED_READ_ECHOES = _FailedReadEchoes()  # one instance: adding it again changes nothing
+
+
 def _silence_failed_read_echoes() -> None:
     """Drop the echoes of a failed restore, from now on in this process (installed once).
 
@@ -97,10 +100,10 @@ def _silence_failed_read_echoes() -> None:
     retrieved, after our one-sentence error. Only those echoes are dropped; any other
     unraisable exception goes to the previous hook, any other asyncio report is logged.
     """
+    std_logging.getLogger("asyncio").addFilter(_FAILED_READ_ECHOES)
     previous = sys.unraisablehook
     if getattr(previous, "charlstm_jax_filter", False):
         return
-    std_logging.getLogger("asyncio").addFilter(_FailedReadEchoes())
 
     def hook(unraisable):
         closed_loop = isinstance(unraisable.exc_value, RuntimeError) and "loop is closed" in str(
