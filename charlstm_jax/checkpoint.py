@@ -76,11 +76,15 @@ def _restore_args(abstract_params, abstract_state=None):
 
 
 class _FailedReadEchoes(std_logging.Filter):
-    """Drops asyncio's "Task exception was never retrieved" reports of orbax's array reads."""
+    """Drops asyncio's "... exception was never retrieved" reports of orbax's array reads.
+
+    Of a read's task ("Task exception ...") or of the `gather` that awaited it
+    ("_GatheringFuture exception ...", where only the traceback names the read).
+    """
 
     def filter(self, record: std_logging.LogRecord) -> bool:
         message = record.getMessage()
-        if not message.startswith("Task exception was never retrieved"):
+        if "exception was never retrieved" not in message.partition("\n")[0]:
             return True
         details = message
         if record.exc_info:

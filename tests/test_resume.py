@@ -197,16 +197,22 @@ def test_asyncio_reports_of_failed_reads_are_dropped_and_others_kept(caplog):
     async def unrelated_task():
         raise ValueError("something else")
 
-    def fail_unretrieved(coroutine):
+    def fail_unretrieved(coroutine, gathered=False):
+        async def start():
+            # A task of its own, or gathered, as orbax reads arrays: then asyncio reports the
+            # gathering future, whose repr does not name the read (only its traceback does).
+            return asyncio.gather(coroutine) if gathered else asyncio.ensure_future(coroutine)
+
         loop = asyncio.new_event_loop()
-        task = loop.create_task(coroutine)
+        future = loop.run_until_complete(start())
         loop.run_until_complete(asyncio.sleep(0.01))
         loop.close()
-        del task
+        del future
         gc.collect()
 
     with caplog.at_level(logging.ERROR, logger="asyncio"):
         fail_unretrieved(_read_array_index_and_device_put())
+        fail_unretrieved(_read_array_index_and_device_put(), gathered=True)
         fail_unretrieved(unrelated_task())
     reports = [record.getMessage() for record in caplog.records]
     assert len(reports) == 1 and "unrelated_task" in reports[0]
