@@ -1,19 +1,27 @@
 """The character-level LSTM of the reference: stacked LSTM layers, dropout, a Dense head.
 
 Shapes: `B` batch rows, `T` window (time steps), `H` hidden size, `V` vocabulary size.
-Gates are fused into one `[.., 4H]` product in PyTorch's order (input, forget, cell, output),
+Gates are fused into one `[4H, ..]` product in PyTorch's order (input, forget, cell, output),
 and each layer keeps PyTorch's two biases (`input_bias`, `recurrent_bias`): one bias would be
 the same function, but Adam and global-norm clipping treat two parameters differently from
 their sum, and training must follow the reference step for step. So weights map one to one
 onto the reference's `nn.LSTM`.
 
-Speed (see README, Performance): each layer's input product is taken out of the time loop
-(one large product for all steps; for the first layer the one-hot product is a row gather),
-so the scanned cell only does the recurrent product `h @ W_hh`. Its backward pass is written
-by hand: the backward scan carries only `(dh, dc)` and emits each step's gate gradient, and the
-recurrent-weight gradient is one large product after the loop, instead of autodiff's thin
-per-step accumulation. Dropout on a layer's outputs is applied in its scan, so the dropped
-outputs are written once, and the weight gradients' operands are transposed by plain copies.
+Speed (see README, Performance): inside a layer, arrays are feature-major and flat: the
+carry's `[B, H]` is held as `[H * B]` (unit-major, row-minor), a window's outputs as
+`[T, H * B]` and its gates as `[T, 4, H * B]`. The recurrent product is then
+`kernel.T[4H, H] @ h[H, B]`, which XLA's CPU libraries run about 1.4x faster than
+`h[B, H] @ kernel[H, 4H]` at batch 16, and the cell's elementwise work runs over rows of
+`H * B` values instead of 16 (XLA's CPU loops slowed several-fold on short rows). Each layer's
+input product is taken out of the time loop (one large product for all steps; for the first
+layer the one-hot product is a row gather), so the scanned cell only does the recurrent
+product. Its backward pass is written by hand: the backward scan carries only `(dh, dc)` and
+emits each step's gate gradient, and the recurrent-weight gradient is one large product after
+the loop, instead of autodiff's thin per-step accumulation. The model's inputs and outputs keep
+the usual batch-major shapes.
+
+Dropout masks are drawn per row, from `fold_in(key, row)`: a row's mask is the same however the
+rows are split over devices (`batch_axis` names the `shard_map` axis that splits them).
 
 Regularisation beyond the reference (AWD-LSTM's, Merity et al. 2017), all off by default:
 `variational_dropout` keeps each row's dropout mask the same at every time step, `weight_drop`
@@ -32,6 +40,10 @@ import numpy as np
 LayerCarry = tuple[jax.Array, jax.Array]
 Carry = tuple[LayerCarry, ...]
 
+# Per gate (input, forget, cell, output): sigmoid(x) = tanh(x / 2) / 2 + 1 / 2 on three, tanh
+# on the cell gate, so all four take one tanh.
+_GATE_SCALE = np.array([0.5, 0.5, 1.0, 0.5], np.float32)[:, None]
+
 
 def torch_uniform(bound: float):
     """PyTorch's LSTM and Linear initialiser: U(-bound, bound), bound = 1/sqrt(fan)."""
@@ -42,78 +54,90 @@ def torch_uniform(bound: float):
     return init
 
 
+def feature_major(x: jax.Array) -> jax.Array:
+    """`[..., B, D] -> [..., D * B]`: the layout inside a layer (see the module docstring)."""
+    return jnp.swapaxes(x, -1, -2).reshape(*x.shape[:-2], -1)
+
+
+def batch_major(x: jax.Array, batch: int) -> jax.Array:
+    """`[..., D * B] -> [..., B, D]`, the inverse of `feature_major`."""
+    return jnp.swapaxes(x.reshape(*x.shape[:-1], -1, batch), -1, -2)
+
+
 def gate_activations(z: jax.Array) -> jax.Array:
-    """Sigmoid on the input, forget and output gates of `z[..., 4H]`, tanh on the cell gate.
+    """Sigmoid on the input, forget and output gates of `z[4, N]`, tanh on the cell gate.
 
-    As one tanh over all four gates, since sigmoid(x) = tanh(x / 2) / 2 + 1 / 2: on the CPU,
-    XLA's separate sigmoid and tanh ops made the cell's elementwise work cost as much as half
-    its recurrent product.
+    As one tanh over all four gates: on the CPU, XLA's loops with several tanh (or a sigmoid
+    and a tanh) in one fusion ran several times slower than with one.
     """
-    hidden = z.shape[-1] // 4
-    half = jnp.where(jnp.arange(4 * hidden) // hidden == 2, 1.0, 0.5)  # 1 on the cell gate
-    return jnp.tanh(z * half) * half + (1.0 - half)
+    return jnp.tanh(z * _GATE_SCALE) * _GATE_SCALE + (1.0 - _GATE_SCALE)
 
 
-def matmul(x: jax.Array, kernel: jax.Array, product_dtype: Any = None) -> jax.Array:
-    """`x @ kernel`; with `product_dtype` (bfloat16) both are rounded to it, summed in float32.
+def matmul(x: jax.Array, y: jax.Array, product_dtype: Any = None) -> jax.Array:
+    """`x @ y`; with `product_dtype` (bfloat16) both are rounded to it, summed in float32.
 
     Only the sampler asks for bfloat16 (`sampling.with_precision`): on CPUs with bfloat16
     instructions (and on GPUs and TPUs) the products run about 1.8x faster, at the cost of
     logits that differ from float32's by about 1e-2. Training is always float32.
     """
     if product_dtype is None:
-        return x @ kernel
+        return x @ y
     return jnp.dot(
-        x.astype(product_dtype), kernel.astype(product_dtype), preferred_element_type=jnp.float32
+        x.astype(product_dtype), y.astype(product_dtype), preferred_element_type=jnp.float32
     )
 
 
-class LSTMCell(nn.Module):
-    """One time step of the recurrence, given the step's precomputed input gates.
-
-    `(carry, gate_inputs[B, 4H], output_mask) -> (carry, (out[B, H], h[B, H], gates[B, 4H],
-    c[B, H]))`: `out` is `h` times the step's scaled dropout mask (`h` when it is None). The gate
-    activations, cell state and `h` are emitted for the hand-written backward pass; when no
-    gradient is taken they are unused and XLA drops them.
-    """
-
-    hidden_size: int
-    product_dtype: Any = None
-
-    @nn.compact
-    def __call__(self, carry: LayerCarry, gate_inputs: jax.Array, output_mask, kernel_mask):
-        c, h = carry
-        bound = self.hidden_size**-0.5
-        recurrent_kernel = self.param(
-            "recurrent_kernel", torch_uniform(bound), (self.hidden_size, 4 * self.hidden_size)
-        )
-        if kernel_mask is not None:  # weight drop: the same scaled mask at every step
-            recurrent_kernel = recurrent_kernel * kernel_mask
-        gates = gate_activations(gate_inputs + matmul(h, recurrent_kernel, self.product_dtype))
-        i, f, g, o = jnp.split(gates, 4, axis=-1)
-        c = f * c + i * g
-        h = o * jnp.tanh(c)
-        # Dropout on the layer's output here rather than after the scan: the loop writes the
-        # dropped outputs once, where XLA otherwise recomputed the mask inside the transpose
-        # that the next layer's weight gradient needs (6.6 ms a step, against 0.5 for a copy).
-        out = h if output_mask is None else h * output_mask
-        return (c, h), (out, h, gates, c)
-
-
 def transposed(x: jax.Array) -> jax.Array:
-    """`x.T` laid out in memory as a matrix of its own, once, for the products in backward.
+    """`x.T` laid out in memory as a matrix of its own, once, for the products that read it.
 
-    For a kernel, XLA would otherwise fold the transpose into each of the backward scan's 100
+    For a kernel, XLA would otherwise fold the transpose into each of the time loop's 100
     products, which ran slower. For the operand of a weight gradient, XLA would fuse the
-    transpose with whatever computed the operand (a concatenation, a dropout mask) into one
-    pass with strided reads, measured 4x slower than this plain copy.
+    transpose with whatever computed the operand into one pass with strided reads, measured
+    4x slower than this plain copy.
     """
     return jax.lax.optimization_barrier(x.T)
 
 
+class LSTMCell(nn.Module):
+    """One time step of the recurrence on feature-major arrays, given its input gates.
+
+    `(carry, gate_inputs[4, H * B], output_mask, kernel_t[4H, H]) -> (carry, (out, h, gates,
+    c))`, the carry `(c, h)` each `[H * B]`: `out` is `h` times the step's scaled dropout mask
+    (`h` when it is None). The gate activations `[4, H * B]`, cell state and `h` are emitted
+    for the hand-written backward pass; when no gradient is taken XLA drops them.
+    """
+
+    product_dtype: Any = None
+
+    @nn.compact
+    def __call__(self, carry: LayerCarry, gate_inputs: jax.Array, output_mask, kernel_t):
+        c, h = carry
+        recurrent = matmul(kernel_t, h.reshape(kernel_t.shape[1], -1), self.product_dtype)
+        gates = gate_activations(gate_inputs + recurrent.reshape(4, -1))
+        c = gates[1] * c + gates[0] * gates[2]
+        h = gates[3] * jnp.tanh(c)
+        # Dropout on the layer's output here rather than after the scan: the loop writes the
+        # dropped outputs once.
+        out = h if output_mask is None else h * output_mask
+        return (c, h), (out, h, gates, c)
+
+
+class RecurrentKernel(nn.Module):
+    """A layer's recurrent kernel `[H, 4H]`, held by a module of its own so that its path,
+    `.../recurrence/cell/recurrent_kernel`, is the one earlier versions' checkpoints use."""
+
+    hidden_size: int
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        bound = self.hidden_size**-0.5
+        shape = (self.hidden_size, 4 * self.hidden_size)
+        return self.param("recurrent_kernel", torch_uniform(bound), shape)
+
+
 @jax.custom_vjp
 def project(inputs: jax.Array, kernel: jax.Array) -> jax.Array:
-    """`inputs[..., D] @ kernel[D, G]`, whose input gradient uses a `transposed` kernel."""
+    """`inputs[N, D] @ kernel[D, G]`, whose input gradient uses a `transposed` kernel."""
     return inputs @ kernel
 
 
@@ -123,35 +147,33 @@ def _project_forward(inputs, kernel):
 
 def _project_backward(residuals, d_out):
     inputs, kernel = residuals
-    rows_t = transposed(inputs.reshape(-1, inputs.shape[-1]))
-    d_kernel = rows_t @ d_out.reshape(-1, d_out.shape[-1])
-    return d_out @ transposed(kernel), d_kernel
+    return d_out @ transposed(kernel), transposed(inputs) @ d_out
 
 
 project.defvjp(_project_forward, _project_backward)
 
 
 def _lstm_backward(residuals, cotangents, unroll: int = 1):
-    """Backward pass of a window of LSTM steps.
+    """Backward pass of a window of LSTM steps, on feature-major arrays.
 
-    residuals: `recurrent_kernel[H, 4H]`, the initial carry, `gates[T, B, 4H]` (activations),
-    `cs[T, B, H]` and `hs[T, B, H]`. cotangents: of the final carry and of `hs`.
-    Returns the cotangents of the cell's params, of the initial carry and of `gate_inputs`.
+    residuals: `recurrent_kernel[H, 4H]`, the initial carry, `gates[T, 4, H * B]`
+    (activations), `cs[T, H * B]` and `hs[T, H * B]`. cotangents: of the final carry and of
+    `hs`. Returns the cotangents of the kernel, of the initial carry and of `gate_inputs`.
     """
-    recurrent_kernel, (c0, h0), gates, cs, hs = residuals
+    kernel, (c0, h0), gates, cs, hs = residuals
     (dc_last, dh_last), dhs = cotangents
-    kernel_t = transposed(recurrent_kernel)
+    hidden, steps = kernel.shape[0], gates.shape[0]
     c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
     # Everything that does not depend on the recurrence, for all steps at once (outside the
     # loop, where it vectorises): with dc and dh of a step, its gate gradient is
     # dz = [dc, dc, dc, dh] * gate_scale, and dc gains dh * dh_to_dc.
-    i, f, g, o = jnp.split(gates, 4, axis=-1)
+    i, f, g, o = gates[:, 0], gates[:, 1], gates[:, 2], gates[:, 3]
     tanh_c = jnp.tanh(cs)
     dh_to_dc = o * (1.0 - tanh_c * tanh_c)
-    gate_scale = jnp.concatenate(
+    gate_scale = jnp.stack(
         [g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g), tanh_c * o * (1.0 - o)],
-        axis=-1,
+        axis=1,
     )
 
     def step(carry, xs):
@@ -159,23 +181,27 @@ def _lstm_backward(residuals, cotangents, unroll: int = 1):
         dh_out, to_dc, scale, forget = xs
         dh = dh_next + dh_out
         dc = dc + dh * to_dc
-        dz = jnp.concatenate([dc, dc, dc, dh], axis=-1) * scale
-        return (dc * forget, dz @ kernel_t), dz
+        dz = jnp.stack([dc, dc, dc, dh]) * scale
+        dh_prev = kernel @ dz.reshape(4 * hidden, -1)  # [H, B]
+        return (dc * forget, dh_prev.reshape(-1)), dz
 
     (dc0, dh0), dzs = jax.lax.scan(
         step, (dc_last, dh_last), (dhs, dh_to_dc, gate_scale, f), reverse=True, unroll=unroll
     )
-    # The recurrent-weight gradient as one large product over all steps and rows.
-    h_prev_t = transposed(h_prev.reshape(-1, h_prev.shape[-1]))
-    d_kernel = h_prev_t @ dzs.reshape(-1, dzs.shape[-1])
-    return {"params": {"recurrent_kernel": d_kernel}}, (dc0, dh0), dzs
+    # The recurrent-weight gradient as one large product over all steps and rows:
+    # [H, T * B] @ [T * B, 4H].
+    batch = hs.shape[-1] // hidden
+    h_prev_rows = jnp.moveaxis(h_prev.reshape(steps, hidden, batch), 1, 0)
+    dz_rows = batch_major(dzs.reshape(steps, -1), batch)  # [T, B, 4H]
+    d_kernel = h_prev_rows.reshape(hidden, -1) @ dz_rows.reshape(-1, 4 * hidden)
+    return d_kernel, (dc0, dh0), dzs
 
 
 class Recurrence(nn.Module):
-    """The LSTM cell scanned over a window with `nn.scan`.
+    """The LSTM cell scanned over a window with `nn.scan`, on feature-major arrays.
 
-    `(carry, gate_inputs[T, B, 4H], output_mask, kernel_mask) -> (carry, outs[T, B, H])`:
-    `output_mask` is None or a scaled `[T, B, H]` dropout mask on the outputs, `kernel_mask`
+    `(carry, gate_inputs[T, 4, H * B], output_mask, kernel_mask) -> (carry, outs[T, H * B])`:
+    `output_mask` is None or a scaled `[T, H * B]` dropout mask on the outputs, `kernel_mask`
     None or a scaled `[H, 4H]` weight-drop mask applied to the recurrent kernel at every step.
     With `fused_backward` the gradient comes from `_lstm_backward`; without it, from autodiff
     of the scan (kept for tests and benchmarks: both give the same gradients).
@@ -188,45 +214,41 @@ class Recurrence(nn.Module):
 
     @nn.compact
     def __call__(self, carry: LayerCarry, gate_inputs: jax.Array, output_mask, kernel_mask):
-        cell = nn.scan(
+        kernel = RecurrentKernel(self.hidden_size, name="cell")()
+        if kernel_mask is not None:  # weight drop: the same scaled mask at every step
+            kernel = kernel * kernel_mask
+        step = nn.scan(
             LSTMCell,
             variable_broadcast="params",
             split_rngs={"params": False},
             in_axes=(0, 0, nn.broadcast),
             out_axes=0,
             unroll=self.unroll,
-        )(self.hidden_size, self.product_dtype, name="cell")
+        )(self.product_dtype, name="step")
 
-        def run(mdl, carry, gate_inputs, output_mask, kernel_mask):
-            carry, (outs, _, _, _) = mdl(carry, gate_inputs, output_mask, kernel_mask)
+        def run(mdl, carry, gate_inputs, output_mask, kernel):
+            carry, (outs, _, _, _) = mdl(carry, gate_inputs, output_mask, transposed(kernel))
             return carry, outs
 
         if not self.fused_backward or self.is_initializing():
-            return run(cell, carry, gate_inputs, output_mask, kernel_mask)
+            return run(step, carry, gate_inputs, output_mask, kernel)
 
-        def forward(mdl, carry, gate_inputs, output_mask, kernel_mask):
-            final, (outs, hs, gates, cs) = mdl(carry, gate_inputs, output_mask, kernel_mask)
-            kernel = mdl.variables["params"]["recurrent_kernel"]
-            if kernel_mask is not None:
-                kernel = kernel * kernel_mask
-            return (final, outs), (kernel, carry, gates, cs, hs, output_mask, kernel_mask)
+        def forward(mdl, carry, gate_inputs, output_mask, kernel):
+            final, (outs, hs, gates, cs) = mdl(carry, gate_inputs, output_mask, transposed(kernel))
+            return (final, outs), (kernel, carry, gates, cs, hs, output_mask)
 
         def backward(residuals, cotangents):
-            *residuals, output_mask, kernel_mask = residuals
+            *residuals, output_mask = residuals
             d_carry_out, d_outs = cotangents
             d_hs = d_outs if output_mask is None else d_outs * output_mask
-            d_params, d_carry, d_gate_inputs = _lstm_backward(
+            d_kernel, d_carry, d_gate_inputs = _lstm_backward(
                 residuals, (d_carry_out, d_hs), self.unroll
             )
             d_output_mask = None if output_mask is None else jnp.zeros_like(output_mask)
-            if kernel_mask is None:
-                return d_params, d_carry, d_gate_inputs, d_output_mask, None
-            d_kernel = d_params["params"]["recurrent_kernel"] * kernel_mask  # chain rule
-            d_params = {"params": {"recurrent_kernel": d_kernel}}
-            return d_params, d_carry, d_gate_inputs, d_output_mask, jnp.zeros_like(kernel_mask)
+            return {}, d_carry, d_gate_inputs, d_output_mask, d_kernel
 
         return nn.custom_vjp(run, forward_fn=forward, backward_fn=backward)(
-            cell, carry, gate_inputs, output_mask, kernel_mask
+            step, carry, gate_inputs, output_mask, kernel
         )
 
 
@@ -234,9 +256,10 @@ class LSTMLayer(nn.Module):
     """One LSTM layer over a window: the input product for all steps, then the recurrence.
 
     Input is either ids `[T, B]` (first layer: a row gather of the input kernel, the same
-    function as a one-hot product) or activations `[T, B, D]`. Returns `(carry, hs[T, B, H])`,
-    with dropout at rate `output_drop` on `hs` in training (one mask per row for the whole
-    window with `variational_dropout`).
+    function as a one-hot product) or feature-major activations `[T, D * B]`; the carry is
+    feature-major, `(c, h)` each `[H * B]`. Returns `(carry, hs[T, H * B])`, with dropout at
+    rate `output_drop` on `hs` in training (one mask per row for the whole window with
+    `variational_dropout`).
     """
 
     hidden_size: int
@@ -248,6 +271,7 @@ class LSTMLayer(nn.Module):
     weight_drop: float = 0.0
     embed_drop: float = 0.0  # only for ids input: drops whole rows of the input kernel
     product_dtype: Any = None
+    batch_axis: str | None = None
 
     @nn.compact
     def __call__(self, carry: LayerCarry, inputs: jax.Array, train: bool = False):
@@ -257,27 +281,30 @@ class LSTMLayer(nn.Module):
         input_bias = self.param("input_bias", torch_uniform(bound), (4 * self.hidden_size,))
         recurrent_bias = self.param("recurrent_bias", torch_uniform(bound), (4 * self.hidden_size,))
         bias = input_bias + recurrent_bias  # both enter every step: add them once, outside
+        steps, batch = inputs.shape[0], carry[0].shape[-1] // self.hidden_size
         if jnp.issubdtype(inputs.dtype, jnp.integer):
             if train and self.embed_drop > 0:
-                input_kernel = input_kernel * self._mask(self.embed_drop, (self.input_size, 1))
+                keep = self._keep(self.embed_drop, self.make_rng("dropout"), (self.input_size, 1))
+                input_kernel = input_kernel * keep
             # Bias added to the 71 rows before the gather, not to the T * B rows after it.
             # Ids are checked against the vocabulary upstream: "clip" spares the gather the
             # select over all its rows that the default out-of-range fill costs.
-            gate_inputs = jnp.take(input_kernel + bias, inputs, axis=0, mode="clip")
+            gate_rows = jnp.take(input_kernel + bias, inputs, axis=0, mode="clip")  # [T, B, 4H]
         else:
+            rows = batch_major(inputs, batch).reshape(steps * batch, -1)
             if self.product_dtype is None:
-                gate_inputs = project(inputs, input_kernel) + bias
+                gate_rows = project(rows, input_kernel) + bias
             else:
-                gate_inputs = matmul(inputs, input_kernel, self.product_dtype) + bias
+                gate_rows = matmul(rows, input_kernel, self.product_dtype) + bias
+            gate_rows = gate_rows.reshape(steps, batch, -1)
+        gate_inputs = feature_major(gate_rows).reshape(steps, 4, -1)
         output_mask = None
         if train and self.output_drop > 0:
-            steps, rows = gate_inputs.shape[:2]
-            mask_shape = (1 if self.variational_dropout else steps, rows, self.hidden_size)
-            output_mask = self._mask(self.output_drop, mask_shape)
-            output_mask = jnp.broadcast_to(output_mask, (steps, rows, self.hidden_size))
+            output_mask = self._output_mask(steps, batch)
         kernel_mask = None
         if train and self.weight_drop > 0:
-            kernel_mask = self._mask(self.weight_drop, (self.hidden_size, 4 * self.hidden_size))
+            shape = (self.hidden_size, 4 * self.hidden_size)
+            kernel_mask = self._keep(self.weight_drop, self.make_rng("dropout"), shape)
         recurrence = Recurrence(
             self.hidden_size,
             self.fused_backward,
@@ -287,9 +314,23 @@ class LSTMLayer(nn.Module):
         )
         return recurrence(carry, gate_inputs, output_mask, kernel_mask)
 
-    def _mask(self, rate: float, shape) -> jax.Array:
-        """A dropout mask scaled by `1 / (1 - rate)`, from the `dropout` rng stream."""
-        keep = jax.random.bernoulli(self.make_rng("dropout"), 1.0 - rate, shape)
+    def _output_mask(self, steps: int, batch: int) -> jax.Array:
+        """A scaled `[T, H * B]` dropout mask; row `r` draws from `fold_in(key, r)`."""
+        first_row = 0
+        if self.batch_axis is not None:  # rows split over devices: this device's first row
+            first_row = jax.lax.axis_index(self.batch_axis) * batch
+        row_keys = jax.vmap(jax.random.fold_in, (None, 0))(
+            self.make_rng("dropout"), first_row + jnp.arange(batch)
+        )
+        shape = (1 if self.variational_dropout else steps, self.hidden_size)
+        draw = jax.vmap(lambda key: self._keep(self.output_drop, key, shape), out_axes=-1)
+        mask = draw(row_keys).reshape(shape[0], -1)  # [T or 1, H * B]
+        return jnp.broadcast_to(mask, (steps, mask.shape[-1]))
+
+    @staticmethod
+    def _keep(rate: float, key: jax.Array, shape) -> jax.Array:
+        """A dropout mask scaled by `1 / (1 - rate)`."""
+        keep = jax.random.bernoulli(key, 1.0 - rate, shape)
         return keep.astype(jnp.float32) / (1.0 - rate)
 
 
@@ -312,16 +353,18 @@ class CharLSTM(nn.Module):
     weight_drop: float = 0.0
     embed_drop: float = 0.0
     product_dtype: Any = None  # None: float32; bfloat16 only for sampling (see `matmul`)
+    batch_axis: str | None = None  # the `shard_map` axis that splits the rows, if any
 
     @nn.compact
     def __call__(self, carry: Carry, ids: jax.Array, train: bool = False):
         if train and self.product_dtype is not None:
             raise ValueError("product_dtype is for sampling only; train with product_dtype=None.")
+        batch = ids.shape[0]
         x = ids.T  # time-major inside: the scan walks the leading axis
         new_carry = []
-        for layer, layer_carry in enumerate(carry):
+        for layer, (c, h) in enumerate(carry):
             input_size = self.vocab_size if layer == 0 else self.hidden_size
-            layer_carry, x = LSTMLayer(
+            (c, h), x = LSTMLayer(
                 self.hidden_size,
                 input_size,
                 self.fused_backward,
@@ -331,16 +374,17 @@ class CharLSTM(nn.Module):
                 weight_drop=self.weight_drop,
                 embed_drop=self.embed_drop if layer == 0 else 0.0,
                 product_dtype=self.product_dtype,
+                batch_axis=self.batch_axis,
                 name=f"lstm_{layer}",
-            )(layer_carry, x, train)
-            new_carry.append(layer_carry)
+            )((feature_major(c), feature_major(h)), x, train)
+            new_carry.append((batch_major(c, batch), batch_major(h, batch)))
         bound = self.hidden_size**-0.5
         logits = nn.Dense(
             self.vocab_size,
             kernel_init=torch_uniform(bound),
             bias_init=torch_uniform(bound),
             name="head",
-        )(x)
+        )(batch_major(x, batch))  # [T, B, V]
         return tuple(new_carry), jnp.swapaxes(logits, 0, 1)
 
     def initialize_carry(self, batch_size: int) -> Carry:

@@ -1,12 +1,15 @@
 """Data parallelism with `jax.sharding`, and multi-process runs with `jax.distributed`.
 
 Every device of every process forms a one-axis mesh, `data`. The batch's rows, and so the
-carry's rows, are split over it; params and optimizer state are replicated. XLA inserts the
-gradient all-reduce when the jitted step is compiled for these shardings, so one device is the
-same code path as many. Each process holds the whole (small) text and hands over only the rows
-that live on its own devices.
+carry's rows, are split over it; params and optimizer state are replicated. The train step
+runs under `shard_map` on each device's own rows (the model's feature-major layout keeps the
+rows in the minor position of its arrays, where XLA's partitioner would gather them all) and
+averages the loss and gradients over the devices, so one device is the same code path as many.
+Each process holds the whole (small) text and hands over only the rows that live on its own
+devices.
 """
 
+import functools
 import os
 
 import jax
@@ -18,6 +21,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from charlstm_jax.errors import UserError
 
 DATA = "data"
+ROWS = PartitionSpec(DATA)  # the leading axis (the rows) split over the devices
+WHOLE = PartitionSpec()  # the whole array on every device
 
 
 class ParallelError(UserError):
@@ -107,6 +112,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 def split_rows(mesh: Mesh, axis: int = 0) -> NamedSharding:
     """Axis `axis` (the rows) split over the `data` axis, the rest whole."""
     return NamedSharding(mesh, PartitionSpec(*([None] * axis), DATA))
+
+
+def data_parallel(fn, mesh: Mesh, in_specs, out_specs):
+    """`fn(..., axis_name=DATA)` run on each device's part of its arguments (`shard_map`).
+
+    `fn` averages what must agree over the devices itself (`lax.pmean` over `axis_name`), as
+    data-parallel training does with its gradients, so shard_map's checks of which values vary
+    over devices are off: they would also reject the model's hand-written backward pass, whose
+    kernel gradient is a device's own part before that average.
+    """
+    return jax.shard_map(
+        functools.partial(fn, axis_name=DATA),
+        mesh=mesh,
+        in_specs=in_specs,
+        out_specs=out_specs,
+        check_vma=False,
+    )
 
 
 def check_batch_size(batch_size: int, mesh: Mesh) -> None:

@@ -6,6 +6,7 @@ from a zero carry. Every `validation_counts` steps, and at each epoch's end, a j
 the whole validation tail from a fresh carry. A workdir is one run: running again resumes it.
 """
 
+import functools
 import math
 import signal
 import time
@@ -18,6 +19,7 @@ import ml_collections
 import optax
 from absl import logging
 from flax.training import train_state
+from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from charlstm_jax import allocator, checkpoint, data, parallel, plots
@@ -27,8 +29,9 @@ from charlstm_jax.metrics import MetricsWriter, NoMetrics, bits_per_char, read_m
 from charlstm_jax.model import CharLSTM, init_params, model_from_config
 
 # Config keys a resumed run may change: the rest must match its checkpoint. The text may move
-# (its sha256 must match), and skip_nonfinite is what the non-finite error tells users to set.
-RESUMABLE_CHANGES = ("epochs", "data_path", "data_dir", "skip_nonfinite", "patience")
+# (its sha256 must match), skip_nonfinite is what the non-finite error tells users to set, and
+# unroll only changes how the loops are compiled (its default changed from 2 to 1).
+RESUMABLE_CHANGES = ("epochs", "data_path", "data_dir", "skip_nonfinite", "patience", "unroll")
 
 
 class TrainingError(UserError):
@@ -39,9 +42,15 @@ class TrainState(train_state.TrainState):
     """Params, optimizer state and global step (flax's TrainState)."""
 
 
-def create_model(config: ml_collections.ConfigDict, vocab_size: int) -> CharLSTM:
-    """The config's `CharLSTM` for a vocabulary of `vocab_size` characters."""
-    return model_from_config(config, vocab_size)
+def create_model(
+    config: ml_collections.ConfigDict, vocab_size: int, batch_axis: str | None = None
+) -> CharLSTM:
+    """The config's `CharLSTM` for a vocabulary of `vocab_size` characters.
+
+    `batch_axis`: the `shard_map` axis that splits the rows, when the model runs on one
+    device's rows of a data-parallel step (its dropout masks then follow the global rows).
+    """
+    return model_from_config(config, vocab_size).clone(batch_axis=batch_axis)
 
 
 def _is_kernel(params):
@@ -70,10 +79,11 @@ def create_optimizer(
 
 
 def create_train_state(
-    config, vocab_size: int, key: jax.Array, steps_per_epoch: int = 1
+    config, vocab_size: int, key: jax.Array, steps_per_epoch: int = 1, batch_axis=None
 ) -> TrainState:
-    """A fresh train state: params initialised from `key`, step 0."""
-    model = create_model(config, vocab_size)
+    """A fresh train state: params initialised from `key`, step 0 (`batch_axis`: as in
+    `create_model`, for the state's `apply_fn`)."""
+    model = create_model(config, vocab_size, batch_axis)
     tx = create_optimizer(config, steps_per_epoch)
 
     # One program for the params, Adam's zeros and the step: run op by op, each of them
@@ -90,11 +100,13 @@ def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
     return optax.softmax_cross_entropy_with_integer_labels(logits, targets).mean()
 
 
-def train_step(state: TrainState, carry, inputs, targets, dropout_key):
+def train_step(state: TrainState, carry, inputs, targets, dropout_key, axis_name=None):
     """One optimizer step on `inputs[B, T]`, `targets[B, T]`; returns `(state, carry, metrics)`.
 
     Dropout's key is `fold_in(dropout_key, step)`, so a resumed run draws the same masks. A
     non-finite loss or gradient leaves the state unchanged and counts in `metrics["nonfinite"]`.
+    With `axis_name`, the step runs under `shard_map` on one device's rows, and the loss and
+    gradients are averaged over the devices (the mean over all rows, as on one device).
     """
     step_key = jax.random.fold_in(dropout_key, state.step)
 
@@ -105,6 +117,8 @@ def train_step(state: TrainState, carry, inputs, targets, dropout_key):
         return cross_entropy(logits, targets), new_carry
 
     (loss, new_carry), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    if axis_name is not None:
+        loss, grads = jax.lax.pmean((loss, grads), axis_name)
     finite = jnp.isfinite(loss) & jnp.isfinite(optax.tree.norm(grads))
     # A branch, not a select of every array of the state: the update runs only when finite.
     state = jax.lax.cond(
@@ -117,10 +131,11 @@ def train_step(state: TrainState, carry, inputs, targets, dropout_key):
     return state, jax.lax.stop_gradient(new_carry), metrics
 
 
-def evaluate(apply_fn, params, inputs, targets, carry):
+def evaluate(apply_fn, params, inputs, targets, carry, axis_name=None):
     """Mean loss over every window of `inputs[N, R, T]` with `carry` threaded through.
 
-    The reference's validation: evaluation mode (no dropout), windows in order.
+    The reference's validation: evaluation mode (no dropout), windows in order. With
+    `axis_name`, under `shard_map` on one device's rows: the mean over the devices.
     """
 
     def body(carry, batch):
@@ -129,7 +144,8 @@ def evaluate(apply_fn, params, inputs, targets, carry):
         return carry, cross_entropy(logits, batch_targets)
 
     _, losses = jax.lax.scan(body, carry, (inputs, targets))
-    return losses.mean()
+    loss = losses.mean()
+    return loss if axis_name is None else jax.lax.pmean(loss, axis_name)
 
 
 def _check_resumable(config, meta: dict, dataset: data.Dataset, workdir: Path) -> None:
@@ -274,7 +290,9 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
     # resumed run needs.
     params_key, dropout_key = jax.random.split(root_key)
     num_batches = len(dataset.train_inputs)
-    state = create_train_state(config, len(dataset.vocab), params_key, num_batches)
+    state = create_train_state(
+        config, len(dataset.vocab), params_key, num_batches, batch_axis=parallel.DATA
+    )
     state = parallel.put(state, replicated)
     model = create_model(config, len(dataset.vocab))
     batch_size = config.batch_size
@@ -343,10 +361,13 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
             config.epochs,
         )
 
+    whole, rows = parallel.WHOLE, parallel.ROWS
     jit_train_step = jax.jit(
-        train_step, donate_argnums=(0, 1), out_shardings=(replicated, row_split, replicated)
+        parallel.data_parallel(
+            train_step, mesh, (whole, rows, rows, rows, whole), (whole, rows, whole)
+        ),
+        donate_argnums=(0, 1),
     )
-    jit_evaluate = jax.jit(evaluate, static_argnums=0)
     # Validation rows are split too when the devices divide them (a short tail may have fewer).
     valid_rows = dataset.valid_inputs.shape[1]
     valid_split = valid_rows % mesh.size == 0
@@ -357,6 +378,13 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
     valid_carry = parallel.put(
         model.initialize_carry(valid_rows), row_split if valid_split else replicated
     )
+    evaluate_params = functools.partial(evaluate, model.apply)
+    if valid_split:
+        split = PartitionSpec(None, parallel.DATA)
+        evaluate_params = parallel.data_parallel(
+            evaluate_params, mesh, (whole, split, split, rows), whole
+        )
+    jit_evaluate = jax.jit(evaluate_params)
     pending = []  # per-step device metrics, brought to the host only at log or save time
     rows = read_metrics(workdir)
     last = {
@@ -388,9 +416,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         nonlocal loss_sum, loss_count, nonfinite
         fold_pending()
         train_loss = loss_sum / loss_count if loss_count else float("nan")  # all skipped
-        valid_loss = float(
-            jit_evaluate(model.apply, state.params, valid_inputs, valid_targets, valid_carry)
-        )
+        valid_loss = float(jit_evaluate(state.params, valid_inputs, valid_targets, valid_carry))
         metrics_writer.write(epoch, run, step, train_loss, valid_loss)
         logging.info(
             "Epoch %d/%d batch %d step %d | Training loss %.4f | Validation loss %.4f "

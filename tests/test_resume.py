@@ -310,10 +310,10 @@ def _poisoned_after(monkeypatch, bad_step):
     """Make every training step from global step `bad_step` on see a NaN carry."""
     clean = train.train_step
 
-    def poisoned(state, carry, inputs, targets, dropout_key):
+    def poisoned(state, carry, inputs, targets, dropout_key, **kwargs):
         poison = jnp.where(state.step >= bad_step - 1, jnp.nan, 0.0)
         carry = jax.tree_util.tree_map(lambda x: x + poison, carry)
-        return clean(state, carry, inputs, targets, dropout_key)
+        return clean(state, carry, inputs, targets, dropout_key, **kwargs)
 
     monkeypatch.setattr(train, "train_step", poisoned)
 
