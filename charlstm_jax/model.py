@@ -29,6 +29,7 @@ drops entries of each recurrent kernel (DropConnect, one mask per batch, shared 
 and `embed_drop` drops whole characters (rows of the first layer's input kernel).
 """
 
+import math
 from typing import Any
 
 import flax.linen as nn
@@ -329,8 +330,16 @@ class LSTMLayer(nn.Module):
 
     @staticmethod
     def _keep(rate: float, key: jax.Array, shape) -> jax.Array:
-        """A dropout mask scaled by `1 / (1 - rate)`."""
-        keep = jax.random.bernoulli(key, 1.0 - rate, shape)
+        """A dropout mask scaled by `1 / (1 - rate)`: each entry kept with probability
+        `1 - rate`, rounded to a multiple of 2**-16 (exact for 0.5).
+
+        Two entries from each random 32-bit word: the random bits were about 4% of a train
+        step at the reference configuration with one word an entry (`jax.random.bernoulli`).
+        """
+        size = math.prod(shape)
+        bits = jax.random.bits(key, ((size + 1) // 2,), jnp.uint32)
+        halves = jnp.stack([bits & 0xFFFF, bits >> 16], axis=-1).reshape(-1)[:size]
+        keep = halves.reshape(shape) < jnp.uint32(round((1.0 - rate) * 2**16))
         return keep.astype(jnp.float32) / (1.0 - rate)
 
 
