@@ -60,11 +60,11 @@ def step_flops(batch: int, window: int, hidden: int, layers: int, vocab: int) ->
     """Matrix-product FLOPs of one training step (forward, and backward at twice the forward).
 
     The first layer's one-hot input product is a row gather (no FLOPs), so is its gradient.
-    Returns the thin parts (one product per time step: `h @ W_hh` forward, `dz @ W_hh^T`
+    Returns the thin parts (one product per time step: `W_hh^T @ h` forward, `W_hh @ dz`
     backward) and the large part (all steps at once: input products, weight gradients, head).
     """
     rows = batch * window
-    recurrent = layers * 2 * rows * hidden * 4 * hidden  # h @ W_hh, each time step
+    recurrent = layers * 2 * rows * hidden * 4 * hidden  # W_hh^T @ h, each time step
     inputs = (layers - 1) * 2 * rows * hidden * 4 * hidden  # x @ W_ih, layers above the first
     head = 2 * rows * hidden * vocab
     # Backward: recurrent dh (thin, per step) + dW_hh (large); inputs and head twice (large).
@@ -100,33 +100,34 @@ def alternate(runners: dict, timed: int, per_turn: int = 2) -> dict:
 def matmul_ceiling(batch: int, window: int, hidden: int, repeats: int = 9) -> dict:
     """GFLOP/s of the step's three kinds of product, each measured alone with XLA.
 
-    Thin forward: `window` dependent `[batch, H] x [H, 4H]` products in a scan (the
-    recurrence's shape); thin backward: the same with `[batch, 4H] x [4H, H]` (the backward
-    scan's); large: one `[batch * window, H] x [H, 4H]` product (input products, weight
-    gradients).
+    In the orientation the model runs them (its layers are feature-major, see
+    `charlstm_jax.model`). Thin forward: `window` dependent `[4H, H] x [H, batch]` products in a
+    scan (the recurrence's shape); thin backward: the same with `[H, 4H] x [4H, batch]` (the
+    backward scan's); large: one `[batch * window, H] x [H, 4H]` product (input products,
+    weight gradients).
     """
     key = jax.random.key(0)
     w = jax.random.normal(key, (hidden, 4 * hidden)) / hidden
     w_t = jnp.asarray(np.asarray(w).T)
-    h0 = jax.random.normal(key, (batch, hidden))
+    h0 = jax.random.normal(key, (hidden, batch))
     x = jax.random.normal(key, (batch * window, hidden))
 
     def chain(step):
         return jax.jit(lambda h: jax.lax.scan(lambda h, _: (step(h), None), h, None, window)[0])
 
-    # Every column of each product is used, as in the LSTM (XLA would shrink a product whose
+    # Every row of each product is used, as in the LSTM (XLA would shrink a product whose
     # output is only partly used).
     def forward(h):
-        i, f, g, o = jnp.split(h @ w, 4, axis=-1)
+        i, f, g, o = jnp.split(w_t @ h, 4, axis=0)
         return jnp.tanh(i) * jnp.tanh(f) + jnp.tanh(g) * jnp.tanh(o)
 
     def backward(dz):
-        dh = jnp.tanh(dz @ w_t)
-        return jnp.concatenate([dh, -dh, 0.5 * dh, dh], axis=-1)
+        dh = jnp.tanh(w @ dz)
+        return jnp.concatenate([dh, -dh, 0.5 * dh, dh], axis=0)
 
     runs = {
         "thin_forward": (chain(forward), h0),
-        "thin_backward": (chain(backward), jnp.tile(h0, 4)),
+        "thin_backward": (chain(backward), jnp.tile(h0, (4, 1))),
         "large": (jax.jit(lambda x: x @ w), x),
     }
     flops = window * 2 * batch * hidden * 4 * hidden

@@ -406,6 +406,34 @@ class CharLSTM(nn.Module):
         )
 
 
+def decode_step(model: CharLSTM, params, carry: Carry, ids: jax.Array):
+    """One step of `model` on `ids[B]`, as generation runs it: `(carry, logits[B, V])`.
+
+    The same function as `model.apply` on a one-step window, computed batch-major: the
+    feature-major layout pays off over a window's many steps, while a single step at a time
+    ran 1.3-1.6x slower with it on the CPU (its layout changes and product shapes).
+    """
+    gate = jnp.arange(4 * model.hidden_size) // model.hidden_size
+    scale = jnp.where(gate == 2, 1.0, 0.5)  # tanh on the cell gate, sigmoids on the others
+    new_carry = []
+    x = None
+    for layer, (c, h) in enumerate(carry):
+        p = params[f"lstm_{layer}"]
+        bias = p["input_bias"] + p["recurrent_bias"]
+        if layer == 0:
+            z = jnp.take(p["input_kernel"] + bias, ids, axis=0, mode="clip")  # [B, 4H]
+        else:
+            z = matmul(x, p["input_kernel"], model.product_dtype) + bias
+        kernel = p["recurrence"]["cell"]["recurrent_kernel"]
+        z = z + matmul(h, kernel, model.product_dtype)
+        i, f, g, o = jnp.split(jnp.tanh(z * scale) * scale + (1.0 - scale), 4, axis=-1)
+        c = f * c + i * g
+        x = h = o * jnp.tanh(c)
+        new_carry.append((c, h))
+    logits = x @ params["head"]["kernel"] + params["head"]["bias"]
+    return tuple(new_carry), logits
+
+
 def init_params(model: CharLSTM, key: jax.Array) -> dict:
     """Params as PyTorch initialises the reference: every one U(-1/sqrt(H), 1/sqrt(H)).
 

@@ -24,7 +24,7 @@ import numpy as np
 
 from charlstm_jax.data import Vocab
 from charlstm_jax.errors import UserError
-from charlstm_jax.model import CharLSTM
+from charlstm_jax.model import CharLSTM, decode_step
 
 # An empty prompt starts the text as at the start of a paragraph.
 EMPTY_PROMPT = "\n"
@@ -129,8 +129,8 @@ def generate_chunk(
         ids = jax.vmap(choose, in_axes=(0, 0, None, None, None))(
             logits, step_keys, top_k, temperature, top_p
         )
-        carry, new_logits = model.apply({"params": params}, carry, ids[:, None], train=False)
-        return (carry, new_logits[:, 0]), ids
+        carry, new_logits = decode_step(model, params, carry, ids)
+        return (carry, new_logits), ids
 
     (carry, logits), ids = jax.lax.scan(step, (carry, logits), jnp.arange(length))
     return carry, logits, ids.T

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charlstm_jax.model import CharLSTM, count_params, init_params
+from charlstm_jax.model import CharLSTM, count_params, decode_step, init_params
 
 V, H, L, B, T = 11, 16, 2, 3, 8
 
@@ -42,6 +42,21 @@ def test_two_half_windows_equal_one_full_window(model_and_params):
     for (c1, h1), (c2, h2) in zip(carry, full_carry, strict=True):
         np.testing.assert_allclose(c1, c2, atol=1e-6)
         np.testing.assert_allclose(h1, h2, atol=1e-6)
+
+
+def test_decode_step_equals_a_one_step_window(model_and_params):
+    """Generation's batch-major single step is the model's function on a one-step window."""
+    model, params = model_and_params
+    carry = jax.tree_util.tree_map(
+        lambda x: jax.random.normal(jax.random.key(19), x.shape), model.initialize_carry(B)
+    )
+    ids = _ids(20, (B,))
+    window_carry, window_logits = model.apply({"params": params}, carry, ids[:, None])
+    step_carry, step_logits = decode_step(model, params, carry, ids)
+    np.testing.assert_allclose(step_logits, window_logits[:, 0], atol=1e-6)
+    leaves = zip(*map(jax.tree_util.tree_leaves, (step_carry, window_carry)), strict=True)
+    for a, b in leaves:
+        np.testing.assert_allclose(a, b, atol=1e-6)
 
 
 def test_first_layer_gather_equals_one_hot_product(model_and_params):
