@@ -160,8 +160,8 @@ def _check_resumable(config, meta: dict, dataset: data.Dataset, workdir: Path) -
         differences = ", ".join(f"{k}={config[k]!r} (run has {saved[k]!r})" for k in changed)
         raise TrainingError(
             f"{workdir} holds a run with other settings: {differences}; only epochs (fixed too "
-            "under a cosine schedule), patience, data_path and skip_nonfinite may change on "
-            "resume, so pass the run's values or choose a new --workdir."
+            "under a cosine schedule), patience, data_path, skip_nonfinite and unroll may "
+            "change on resume, so pass the run's values or choose a new --workdir."
         )
     if meta["corpus_sha256"] != dataset.sha256:
         raise TrainingError(
