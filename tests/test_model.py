@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from charlstm_jax.model import CharLSTM, count_params, decode_step, init_params
+from charlstm_jax.model import CharLSTM, LSTMLayer, count_params, decode_step, init_params
 
 V, H, L, B, T = 11, 16, 2, 3, 8
 
@@ -178,6 +178,18 @@ def test_dropout_drops_outputs_not_the_recurrence():
     leaves = zip(*map(jax.tree_util.tree_leaves, (train_carry, eval_carry)), strict=True)
     for a, b in leaves:
         np.testing.assert_allclose(a, b, rtol=1e-6)
+
+
+@pytest.mark.parametrize("rate", [0.5, 0.3, 0.1])
+def test_dropout_masks_keep_one_minus_the_rate_and_scale_by_its_inverse(rate):
+    """Masks take 16 random bits an entry: the keep probability is 1 - rate (to 2**-16)."""
+    mask = np.asarray(LSTMLayer._keep(rate, jax.random.key(21), (400, 1001)))  # odd size
+    kept = mask != 0
+    np.testing.assert_allclose(mask[kept], 1.0 / (1.0 - rate), rtol=1e-6)
+    # 400,400 entries: the kept share's standard deviation is under 0.0008.
+    assert abs(kept.mean() - (1.0 - rate)) < 0.004
+    again = np.asarray(LSTMLayer._keep(rate, jax.random.key(21), (400, 1001)))
+    np.testing.assert_array_equal(mask, again)
 
 
 def test_init_params_draws_pytorch_s_uniform_for_every_parameter(model_and_params):
