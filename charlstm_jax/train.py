@@ -19,7 +19,6 @@ import ml_collections
 import optax
 from absl import logging
 from flax.training import train_state
-from jax.sharding import PartitionSpec
 from tqdm import tqdm
 
 from charlstm_jax import allocator, checkpoint, data, parallel, plots
@@ -361,10 +360,10 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
             config.epochs,
         )
 
-    whole, rows = parallel.WHOLE, parallel.ROWS
+    whole, split = parallel.WHOLE, parallel.ROWS
     jit_train_step = jax.jit(
         parallel.data_parallel(
-            train_step, mesh, (whole, rows, rows, rows, whole), (whole, rows, whole)
+            train_step, mesh, (whole, split, split, split, whole), (whole, split, whole)
         ),
         donate_argnums=(0, 1),
     )
@@ -380,9 +379,9 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
     )
     evaluate_params = functools.partial(evaluate, model.apply)
     if valid_split:
-        split = PartitionSpec(None, parallel.DATA)
+        windows = parallel.split_rows(mesh, axis=1).spec  # [N, R, T]: the rows are axis 1
         evaluate_params = parallel.data_parallel(
-            evaluate_params, mesh, (whole, split, split, rows), whole
+            evaluate_params, mesh, (whole, windows, windows, split), whole
         )
     jit_evaluate = jax.jit(evaluate_params)
     pending = []  # per-step device metrics, brought to the host only at log or save time
