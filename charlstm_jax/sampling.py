@@ -6,7 +6,7 @@ most likely characters (and, with `top_p` < 1, the fewest of those whose probabi
 
 Precision: float32 by default, the model's own function. `precision="bfloat16"` rounds the
 LSTM's kernels and products' inputs to bfloat16 (sums stay float32; the head stays float32): on
-CPUs with bfloat16 instructions, and on GPUs and TPUs, many streams sample about 1.8x faster,
+CPUs with bfloat16 instructions, and on GPUs and TPUs, many streams sample about 2x faster,
 and the logits move by about 1e-2, so the text differs from float32's after a while.
 
 Randomness: stream `i` of a call draws step `t` with `fold_in(fold_in(key(rng_seed), i), t)`,
