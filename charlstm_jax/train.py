@@ -29,7 +29,8 @@ from charlstm_jax.model import CharLSTM, init_params, model_from_config
 
 # Config keys a resumed run may change: the rest must match its checkpoint. The text may move
 # (its sha256 must match), skip_nonfinite is what the non-finite error tells users to set, and
-# unroll only changes how the loops are compiled (its default changed from 2 to 1).
+# unroll only changes how the loops are compiled (its default changed from 2 to 1; results
+# move by float rounding, about 1e-9 in the gradients).
 RESUMABLE_CHANGES = ("epochs", "data_path", "data_dir", "skip_nonfinite", "patience", "unroll")
 
 
@@ -41,15 +42,9 @@ class TrainState(train_state.TrainState):
     """Params, optimizer state and global step (flax's TrainState)."""
 
 
-def create_model(
-    config: ml_collections.ConfigDict, vocab_size: int, batch_axis: str | None = None
-) -> CharLSTM:
-    """The config's `CharLSTM` for a vocabulary of `vocab_size` characters.
-
-    `batch_axis`: the `shard_map` axis that splits the rows, when the model runs on one
-    device's rows of a data-parallel step (its dropout masks then follow the global rows).
-    """
-    return model_from_config(config, vocab_size).clone(batch_axis=batch_axis)
+def create_model(config: ml_collections.ConfigDict, vocab_size: int) -> CharLSTM:
+    """The config's `CharLSTM` for a vocabulary of `vocab_size` characters."""
+    return model_from_config(config, vocab_size)
 
 
 def _is_kernel(params):
@@ -78,11 +73,10 @@ def create_optimizer(
 
 
 def create_train_state(
-    config, vocab_size: int, key: jax.Array, steps_per_epoch: int = 1, batch_axis=None
+    config, vocab_size: int, key: jax.Array, steps_per_epoch: int = 1
 ) -> TrainState:
-    """A fresh train state: params initialised from `key`, step 0 (`batch_axis`: as in
-    `create_model`, for the state's `apply_fn`)."""
-    model = create_model(config, vocab_size, batch_axis)
+    """A fresh train state: params initialised from `key`, step 0."""
+    model = create_model(config, vocab_size)
     tx = create_optimizer(config, steps_per_epoch)
 
     # One program for the params, Adam's zeros and the step: run op by op, each of them
@@ -106,11 +100,14 @@ def train_step(state: TrainState, carry, inputs, targets, dropout_key, axis_name
     non-finite loss or gradient leaves the state unchanged and counts in `metrics["nonfinite"]`.
     With `axis_name`, the step runs under `shard_map` on one device's rows, and the loss and
     gradients are averaged over the devices (the mean over all rows, as on one device).
+    `state.apply_fn` is the model's `apply`, as `create_train_state` makes it.
     """
     step_key = jax.random.fold_in(dropout_key, state.step)
+    # The model learns which rows it holds from the axis (its dropout masks follow the rows).
+    model = state.apply_fn.__self__.clone(batch_axis=axis_name)
 
     def loss_fn(params):
-        new_carry, logits = state.apply_fn(
+        new_carry, logits = model.apply(
             {"params": params}, carry, inputs, train=True, rngs={"dropout": step_key}
         )
         return cross_entropy(logits, targets), new_carry
@@ -289,9 +286,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
     # resumed run needs.
     params_key, dropout_key = jax.random.split(root_key)
     num_batches = len(dataset.train_inputs)
-    state = create_train_state(
-        config, len(dataset.vocab), params_key, num_batches, batch_axis=parallel.DATA
-    )
+    state = create_train_state(config, len(dataset.vocab), params_key, num_batches)
     state = parallel.put(state, replicated)
     model = create_model(config, len(dataset.vocab))
     batch_size = config.batch_size
