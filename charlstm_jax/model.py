@@ -66,12 +66,20 @@ def batch_major(x: jax.Array, batch: int) -> jax.Array:
 
 
 def gate_activations(z: jax.Array) -> jax.Array:
-    """Sigmoid on the input, forget and output gates of `z[4, N]`, tanh on the cell gate.
+    """Sigmoid on the input, forget and output gates of `z[..., 4, N]`, tanh on the cell gate.
 
     As one tanh over all four gates: on the CPU, XLA's loops with several tanh (or a sigmoid
     and a tanh) in one fusion ran several times slower than with one.
     """
     return jnp.tanh(z * _GATE_SCALE) * _GATE_SCALE + (1.0 - _GATE_SCALE)
+
+
+def lstm_update(z: jax.Array, c: jax.Array):
+    """The LSTM update from pre-activations `z[..., 4, N]` (gate axis second to last) and the
+    cell state `c[..., N]`: `(gates, c, h)`, the gates' activations as `z`."""
+    gates = gate_activations(z)
+    c = gates[..., 1, :] * c + gates[..., 0, :] * gates[..., 2, :]
+    return gates, c, gates[..., 3, :] * jnp.tanh(c)
 
 
 def matmul(x: jax.Array, y: jax.Array, product_dtype: Any = None) -> jax.Array:
@@ -114,9 +122,7 @@ class LSTMCell(nn.Module):
     def __call__(self, carry: LayerCarry, gate_inputs: jax.Array, output_mask, kernel_t):
         c, h = carry
         recurrent = matmul(kernel_t, h.reshape(kernel_t.shape[1], -1), self.product_dtype)
-        gates = gate_activations(gate_inputs + recurrent.reshape(4, -1))
-        c = gates[1] * c + gates[0] * gates[2]
-        h = gates[3] * jnp.tanh(c)
+        gates, c, h = lstm_update(gate_inputs + recurrent.reshape(4, -1), c)
         # Dropout on the layer's output here rather than after the scan: the loop writes the
         # dropped outputs once.
         out = h if output_mask is None else h * output_mask
@@ -413,8 +419,6 @@ def decode_step(model: CharLSTM, params, carry: Carry, ids: jax.Array):
     feature-major layout pays off over a window's many steps, while a single step at a time
     ran 1.3-1.6x slower with it on the CPU (its layout changes and product shapes).
     """
-    gate = jnp.arange(4 * model.hidden_size) // model.hidden_size
-    scale = jnp.where(gate == 2, 1.0, 0.5)  # tanh on the cell gate, sigmoids on the others
     new_carry = []
     x = None
     for layer, (c, h) in enumerate(carry):
@@ -426,9 +430,8 @@ def decode_step(model: CharLSTM, params, carry: Carry, ids: jax.Array):
             z = matmul(x, p["input_kernel"], model.product_dtype) + bias
         kernel = p["recurrence"]["cell"]["recurrent_kernel"]
         z = z + matmul(h, kernel, model.product_dtype)
-        i, f, g, o = jnp.split(jnp.tanh(z * scale) * scale + (1.0 - scale), 4, axis=-1)
-        c = f * c + i * g
-        x = h = o * jnp.tanh(c)
+        _, c, h = lstm_update(z.reshape(-1, 4, model.hidden_size), c)
+        x = h
         new_carry.append((c, h))
     logits = x @ params["head"]["kernel"] + params["head"]["bias"]
     return tuple(new_carry), logits

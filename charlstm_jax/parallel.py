@@ -21,8 +21,6 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from charlstm_jax.errors import UserError
 
 DATA = "data"
-ROWS = PartitionSpec(DATA)  # the leading axis (the rows) split over the devices
-WHOLE = PartitionSpec()  # the whole array on every device
 
 
 class ParallelError(UserError):

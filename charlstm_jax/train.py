@@ -355,7 +355,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
             config.epochs,
         )
 
-    whole, split = parallel.WHOLE, parallel.ROWS
+    whole, split = replicated.spec, row_split.spec
     jit_train_step = jax.jit(
         parallel.data_parallel(
             train_step, mesh, (whole, split, split, split, whole), (whole, split, whole)
