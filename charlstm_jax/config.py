@@ -39,6 +39,10 @@ def get_config() -> ml_collections.ConfigDict:
     # Time steps per loop iteration in the scans: with the feature-major layout, 1 made the
     # train step about 5% faster than 2 on a 2-core CPU (the validation pass 2% slower).
     config.unroll = 1
+    # The compiled CPU kernel for the LSTM cell's step (charlstm_jax/cell_kernel.py), where it
+    # applies (CPU backend, hidden size a multiple of 16); False: XLA's loop, slower. Results
+    # differ between the two by float rounding only.
+    config.cell_kernel = True
     return config
 
 

@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from charlstm_jax import cell_kernel
+
 # One layer's carry is (c, h), each [B, H]; the model's carry is a tuple over layers.
 LayerCarry = tuple[jax.Array, jax.Array]
 Carry = tuple[LayerCarry, ...]
@@ -129,6 +131,18 @@ class LSTMCell(nn.Module):
         return (c, h), (out, h, gates, c)
 
 
+class KernelCell(nn.Module):
+    """One time step of the recurrence as the compiled CPU kernel (`cell_kernel`), the same
+    function as `LSTMCell`: `((carry, buffers), t, gate_inputs[T, 4, H * B], packed) ->
+    ((carry, buffers), None)`, where `buffers` are the window's gates, cell states and `h`
+    (`cell_kernel.window_buffers`), whose row `t` the step writes in place."""
+
+    @nn.compact
+    def __call__(self, state, t, gate_inputs: jax.Array, packed: jax.Array):
+        carry, buffers = state
+        return cell_kernel.forward_step(t, gate_inputs, carry, packed, buffers), None
+
+
 class RecurrentKernel(nn.Module):
     """A layer's recurrent kernel `[H, 4H]`, held by a module of its own so that its path,
     `.../recurrence/cell/recurrent_kernel`, is the one earlier versions' checkpoints use."""
@@ -160,12 +174,13 @@ def _project_backward(residuals, d_out):
 project.defvjp(_project_forward, _project_backward)
 
 
-def _lstm_backward(residuals, cotangents, unroll: int = 1):
+def _lstm_backward(residuals, cotangents, unroll: int = 1, compiled: bool = False):
     """Backward pass of a window of LSTM steps, on feature-major arrays.
 
     residuals: `recurrent_kernel[H, 4H]`, the initial carry, `gates[T, 4, H * B]`
     (activations), `cs[T, H * B]` and `hs[T, H * B]`. cotangents: of the final carry and of
     `hs`. Returns the cotangents of the kernel, of the initial carry and of `gate_inputs`.
+    With `compiled`, the backward scan's step is the compiled CPU kernel (`cell_kernel`).
     """
     kernel, (c0, h0), gates, cs, hs = residuals
     (dc_last, dh_last), dhs = cotangents
@@ -192,9 +207,19 @@ def _lstm_backward(residuals, cotangents, unroll: int = 1):
         dh_prev = kernel @ dz.reshape(4 * hidden, -1)  # [H, B]
         return (dc * forget, dh_prev.reshape(-1)), dz
 
-    (dc0, dh0), dzs = jax.lax.scan(
-        step, (dc_last, dh_last), (dhs, dh_to_dc, gate_scale, f), reverse=True, unroll=unroll
-    )
+    def compiled_step(state, t):  # the same step, in place into the window's dzs
+        carry, dzs = state
+        return cell_kernel.backward_step(t, carry, dhs, dh_to_dc, gate_scale, f, packed, dzs), None
+
+    if compiled:
+        packed = cell_kernel.pack_backward(kernel)
+        times = jnp.arange(steps, dtype=jnp.int32)
+        state = ((dc_last, dh_last), cell_kernel.uninitialized(gates.shape))
+        ((dc0, dh0), dzs), _ = jax.lax.scan(compiled_step, state, times, reverse=True)
+    else:
+        (dc0, dh0), dzs = jax.lax.scan(
+            step, (dc_last, dh_last), (dhs, dh_to_dc, gate_scale, f), reverse=True, unroll=unroll
+        )
     # The recurrent-weight gradient as one large product over all steps and rows:
     # [H, T * B] @ [T * B, 4H].
     batch = hs.shape[-1] // hidden
@@ -211,37 +236,70 @@ class Recurrence(nn.Module):
     `output_mask` is None or a scaled `[T, H * B]` dropout mask on the outputs, `kernel_mask`
     None or a scaled `[H, 4H]` weight-drop mask applied to the recurrent kernel at every step.
     With `fused_backward` the gradient comes from `_lstm_backward`; without it, from autodiff
-    of the scan (kept for tests and benchmarks: both give the same gradients).
+    of the scan (kept for tests and benchmarks: both give the same gradients). With
+    `cell_kernel` (and `fused_backward`), where `cell_kernel.usable`, the scanned step forward
+    and backward is the compiled CPU kernel.
     """
 
     hidden_size: int
     fused_backward: bool = True
     unroll: int = 1
     product_dtype: Any = None
+    cell_kernel: bool = True
 
     @nn.compact
     def __call__(self, carry: LayerCarry, gate_inputs: jax.Array, output_mask, kernel_mask):
         kernel = RecurrentKernel(self.hidden_size, name="cell")()
         if kernel_mask is not None:  # weight drop: the same scaled mask at every step
             kernel = kernel * kernel_mask
-        step = nn.scan(
-            LSTMCell,
-            variable_broadcast="params",
-            split_rngs={"params": False},
-            in_axes=(0, 0, nn.broadcast),
-            out_axes=0,
-            unroll=self.unroll,
-        )(self.product_dtype, name="step")
+        compiled = (
+            self.cell_kernel
+            and self.fused_backward
+            and self.product_dtype is None
+            and not self.is_initializing()
+            and cell_kernel.usable(self.hidden_size)
+        )
+        if compiled:
+            step = nn.scan(
+                KernelCell,
+                variable_broadcast="params",
+                split_rngs={"params": False},
+                in_axes=(0, nn.broadcast, nn.broadcast),
+                out_axes=0,
+            )(name="step")
+        else:
+            step = nn.scan(
+                LSTMCell,
+                variable_broadcast="params",
+                split_rngs={"params": False},
+                in_axes=(0, 0, nn.broadcast),
+                out_axes=0,
+                unroll=self.unroll,
+            )(self.product_dtype, name="step")
+
+        def window(mdl, carry, gate_inputs, output_mask, kernel, residuals=True):
+            """`(final carry, (outs, hs, gates, cs))` of the window; without `residuals` (no
+            gradient taken), the compiled steps write neither gates nor cs (both None)."""
+            if not compiled:
+                return mdl(carry, gate_inputs, output_mask, transposed(kernel))
+            steps, units = gate_inputs.shape[0], gate_inputs.shape[-1]
+            state = (carry, cell_kernel.window_buffers(steps, units, residuals))
+            times = jnp.arange(steps, dtype=jnp.int32)
+            packed = cell_kernel.pack_forward(kernel)
+            (final, buffers), _ = mdl(state, times, gate_inputs, packed)
+            gates, cs, hs = buffers if residuals else (None, None, *buffers)
+            outs = hs if output_mask is None else hs * output_mask
+            return final, (outs, hs, gates, cs)
 
         def run(mdl, carry, gate_inputs, output_mask, kernel):
-            carry, (outs, _, _, _) = mdl(carry, gate_inputs, output_mask, transposed(kernel))
+            carry, (outs, *_) = window(mdl, carry, gate_inputs, output_mask, kernel, False)
             return carry, outs
 
         if not self.fused_backward or self.is_initializing():
             return run(step, carry, gate_inputs, output_mask, kernel)
 
         def forward(mdl, carry, gate_inputs, output_mask, kernel):
-            final, (outs, hs, gates, cs) = mdl(carry, gate_inputs, output_mask, transposed(kernel))
+            final, (outs, hs, gates, cs) = window(mdl, carry, gate_inputs, output_mask, kernel)
             return (final, outs), (kernel, carry, gates, cs, hs, output_mask)
 
         def backward(residuals, cotangents):
@@ -249,7 +307,7 @@ class Recurrence(nn.Module):
             d_carry_out, d_outs = cotangents
             d_hs = d_outs if output_mask is None else d_outs * output_mask
             d_kernel, d_carry, d_gate_inputs = _lstm_backward(
-                residuals, (d_carry_out, d_hs), self.unroll
+                residuals, (d_carry_out, d_hs), self.unroll, compiled
             )
             d_output_mask = None if output_mask is None else jnp.zeros_like(output_mask)
             return {}, d_carry, d_gate_inputs, d_output_mask, d_kernel
@@ -279,6 +337,7 @@ class LSTMLayer(nn.Module):
     embed_drop: float = 0.0  # only for ids input: drops whole rows of the input kernel
     product_dtype: Any = None
     batch_axis: str | None = None
+    cell_kernel: bool = True
 
     @nn.compact
     def __call__(self, carry: LayerCarry, inputs: jax.Array, train: bool = False):
@@ -317,6 +376,7 @@ class LSTMLayer(nn.Module):
             self.fused_backward,
             self.unroll,
             self.product_dtype,
+            self.cell_kernel,
             name="recurrence",
         )
         return recurrence(carry, gate_inputs, output_mask, kernel_mask)
@@ -369,6 +429,7 @@ class CharLSTM(nn.Module):
     embed_drop: float = 0.0
     product_dtype: Any = None  # None: float32; bfloat16 only for sampling (see `matmul`)
     batch_axis: str | None = None  # the `shard_map` axis that splits the rows, if any
+    cell_kernel: bool = True  # the compiled CPU kernel for the cell's step, where usable
 
     @nn.compact
     def __call__(self, carry: Carry, ids: jax.Array, train: bool = False):
@@ -390,6 +451,7 @@ class CharLSTM(nn.Module):
                 embed_drop=self.embed_drop if layer == 0 else 0.0,
                 product_dtype=self.product_dtype,
                 batch_axis=self.batch_axis,
+                cell_kernel=self.cell_kernel,
                 name=f"lstm_{layer}",
             )((feature_major(c), feature_major(h)), x, train)
             new_carry.append((batch_major(c, batch), batch_major(h, batch)))
@@ -466,6 +528,7 @@ def model_from_config(config, vocab_size: int) -> CharLSTM:
         variational_dropout=config.get("variational_dropout", False),
         weight_drop=config.get("weight_drop", 0.0),
         embed_drop=config.get("embed_drop", 0.0),
+        cell_kernel=config.get("cell_kernel", True),
     )
 
 

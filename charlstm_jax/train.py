@@ -29,9 +29,18 @@ from charlstm_jax.model import CharLSTM, init_params, model_from_config
 
 # Config keys a resumed run may change: the rest must match its checkpoint. The text may move
 # (its sha256 must match), skip_nonfinite is what the non-finite error tells users to set, and
-# unroll only changes how the loops are compiled (its default changed from 2 to 1; results
-# move by float rounding, about 1e-9 in the gradients).
-RESUMABLE_CHANGES = ("epochs", "data_path", "data_dir", "skip_nonfinite", "patience", "unroll")
+# unroll and cell_kernel only change how the loops are computed (unroll's default changed from 2
+# to 1; results move by float rounding, about 1e-9 in the gradients for unroll, 1e-6 relative
+# for cell_kernel). A run saved before cell_kernel existed resumes with it on.
+RESUMABLE_CHANGES = (
+    "epochs",
+    "data_path",
+    "data_dir",
+    "skip_nonfinite",
+    "patience",
+    "unroll",
+    "cell_kernel",
+)
 
 
 class TrainingError(UserError):
@@ -156,8 +165,9 @@ def _check_resumable(config, meta: dict, dataset: data.Dataset, workdir: Path) -
         differences = ", ".join(f"{k}={config[k]!r} (run has {saved[k]!r})" for k in changed)
         raise TrainingError(
             f"{workdir} holds a run with other settings: {differences}; only epochs (fixed too "
-            "under a cosine schedule), patience, data_path, skip_nonfinite and unroll may "
-            "change on resume, so pass the run's values or choose a new --workdir."
+            "under a cosine schedule), patience, data_path, skip_nonfinite, unroll and "
+            "cell_kernel may change on resume, so pass the run's values or choose a new "
+            "--workdir."
         )
     if meta["corpus_sha256"] != dataset.sha256:
         raise TrainingError(
