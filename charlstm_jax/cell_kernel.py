@@ -87,34 +87,34 @@ def window_buffers(steps: int, units: int, residuals: bool):
     return tuple(uninitialized(shape) for shape in shapes)
 
 
-def forward_step(t, gate_inputs, carry, packed, buffers):
-    """Step `t` of a window: from the window's `gate_inputs[T, 4, H * B]` and the carry
-    `(c, h)`, returns the new carry and `buffers` (`window_buffers`) with row `t` written."""
-    (c, h), units = carry, carry[0].shape[0]
-    vector = jax.ShapeDtypeStruct((units,), jnp.float32)
+def forward_step(t, gate_inputs, h0, packed, c, buffers):
+    """Step `t` of a window: from the window's `gate_inputs[T, 4, H * B]`, the `h0` it starts
+    from and the cell state `c`, returns the new `c` and `buffers` (`window_buffers`) with
+    row `t` written. The step reads h from row `t - 1` of the window's `hs` (`h0` at step 0)
+    and writes `c`, `buffers` in place: no carry is copied from step to step."""
     target = "charlstm_lstm_forward_step" if len(buffers) == 3 else "charlstm_lstm_inference_step"
+    outputs = (c, *buffers)
     call = _call(
         target,
-        (vector, vector, *(jax.ShapeDtypeStruct(b.shape, b.dtype) for b in buffers)),
-        input_output_aliases={5 + i: 2 + i for i in range(len(buffers))},
+        tuple(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in outputs),
+        input_output_aliases={4 + i: i for i in range(len(outputs))},
         vmap_method="sequential",
     )
-    c, h, *buffers = call(jnp.asarray(t, jnp.int32), gate_inputs, c, h, packed, *buffers)
-    return (c, h), tuple(buffers)
+    c, *buffers = call(jnp.asarray(t, jnp.int32), gate_inputs, h0, packed, *outputs)
+    return c, tuple(buffers)
 
 
-def backward_step(t, carry, dhs, dh_to_dc, gate_scale, forget, packed, dzs):
-    """Step `t` of the backward pass (`model._lstm_backward`): from the carry `(dc, dh)` and the
-    window's arrays, returns the previous step's carry and `dzs[T, 4, N]` with row `t` written."""
-    (dc, dh), units = carry, carry[0].shape[0]
-    vector = jax.ShapeDtypeStruct((units,), jnp.float32)
+def backward_step(t, dh_last, dhs, dh_to_dc, gate_scale, forget, packed, dc, dzs):
+    """Step `t` of the backward pass (`model._lstm_backward`): from the cell gradient `dc`
+    and the window's arrays, returns the previous step's `dc` and `dzs[T, 4, N]` with row `t`
+    written, both in place. The gradient reaching h is `kernel @ dz` of step `t + 1`, read
+    from `dzs` (`dh_last`, the final carry's, at the window's last step)."""
     call = _call(
         "charlstm_lstm_backward_step",
-        (vector, vector, jax.ShapeDtypeStruct(dzs.shape, dzs.dtype)),
-        input_output_aliases={8: 2},
+        (jax.ShapeDtypeStruct(dc.shape, dc.dtype), jax.ShapeDtypeStruct(dzs.shape, dzs.dtype)),
+        input_output_aliases={7: 0, 8: 1},
         vmap_method="sequential",
     )
-    dc, dh, dzs = call(
-        jnp.asarray(t, jnp.int32), dc, dh, dhs, dh_to_dc, gate_scale, forget, packed, dzs
+    return call(
+        jnp.asarray(t, jnp.int32), dh_last, dhs, dh_to_dc, gate_scale, forget, packed, dc, dzs
     )
-    return (dc, dh), dzs

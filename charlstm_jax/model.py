@@ -133,14 +133,15 @@ class LSTMCell(nn.Module):
 
 class KernelCell(nn.Module):
     """One time step of the recurrence as the compiled CPU kernel (`cell_kernel`), the same
-    function as `LSTMCell`: `((carry, buffers), t, gate_inputs[T, 4, H * B], packed) ->
-    ((carry, buffers), None)`, where `buffers` are the window's gates, cell states and `h`
-    (`cell_kernel.window_buffers`), whose row `t` the step writes in place."""
+    function as `LSTMCell`: `((c, buffers), t, gate_inputs[T, 4, H * B], h0, packed) ->
+    ((c, buffers), None)`, where `buffers` are the window's gates, cell states and `h`
+    (`cell_kernel.window_buffers`), whose row `t` the step writes in place; h before step `t`
+    is row `t - 1` of the window's `h` (`h0`, the carry's, at step 0)."""
 
     @nn.compact
-    def __call__(self, state, t, gate_inputs: jax.Array, packed: jax.Array):
-        carry, buffers = state
-        return cell_kernel.forward_step(t, gate_inputs, carry, packed, buffers), None
+    def __call__(self, state, t, gate_inputs: jax.Array, h0: jax.Array, packed: jax.Array):
+        c, buffers = state
+        return cell_kernel.forward_step(t, gate_inputs, h0, packed, c, buffers), None
 
 
 class RecurrentKernel(nn.Module):
@@ -217,15 +218,18 @@ def _lstm_backward(residuals, cotangents, unroll: int = 1, compiled: bool = Fals
         dh_prev = kernel @ dz.reshape(4 * hidden, -1)  # [H, B]
         return (dc * forget, dh_prev.reshape(-1)), dz
 
-    def compiled_step(state, t):  # the same step, in place into the window's dzs
-        carry, dzs = state
-        return cell_kernel.backward_step(t, carry, dhs, dh_to_dc, gate_scale, f, packed, dzs), None
+    def compiled_step(state, t):  # the same step, dc and the window's dzs in place
+        dc, dzs = state
+        args = (dh_last, dhs, dh_to_dc, gate_scale, f, packed, dc, dzs)
+        return cell_kernel.backward_step(t, *args), None
 
     if compiled:
         packed = cell_kernel.pack_backward(kernel)
         times = jnp.arange(steps, dtype=jnp.int32)
-        state = ((dc_last, dh_last), cell_kernel.uninitialized(gates.shape))
-        ((dc0, dh0), dzs), _ = jax.lax.scan(compiled_step, state, times, reverse=True)
+        state = (dc_last, cell_kernel.uninitialized(gates.shape))
+        (dc0, dzs), _ = jax.lax.scan(compiled_step, state, times, reverse=True)
+        # The gradient reaching h0: the steps took each dh from the step after's dz.
+        dh0 = (kernel @ dzs[0].reshape(4 * hidden, -1)).reshape(-1)
     else:
         (dc0, dh0), dzs = jax.lax.scan(
             step, (dc_last, dh_last), (dhs, dh_to_dc, gate_scale, f), reverse=True, unroll=unroll
@@ -274,7 +278,7 @@ class Recurrence(nn.Module):
                 KernelCell,
                 variable_broadcast="params",
                 split_rngs={"params": False},
-                in_axes=(0, nn.broadcast, nn.broadcast),
+                in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast),
                 out_axes=0,
             )(name="step")
         else:
@@ -293,13 +297,14 @@ class Recurrence(nn.Module):
             if not compiled:
                 return mdl(carry, gate_inputs, output_mask, transposed(kernel))
             steps, units = gate_inputs.shape[0], gate_inputs.shape[-1]
-            state = (carry, cell_kernel.window_buffers(steps, units, residuals))
+            c0, h0 = carry
+            state = (c0, cell_kernel.window_buffers(steps, units, residuals))
             times = jnp.arange(steps, dtype=jnp.int32)
             packed = cell_kernel.pack_forward(kernel)
-            (final, buffers), _ = mdl(state, times, gate_inputs, packed)
+            (c, buffers), _ = mdl(state, times, gate_inputs, h0, packed)
             gates, cs, hs = buffers if residuals else (None, None, *buffers)
             outs = hs if output_mask is None else hs * output_mask
-            return final, (outs, hs, gates, cs)
+            return (c, hs[-1]), (outs, hs, gates, cs)
 
         def run(mdl, carry, gate_inputs, output_mask, kernel):
             carry, (outs, *_) = window(mdl, carry, gate_inputs, output_mask, kernel, False)

@@ -2,8 +2,11 @@
 //
 // model.py scans these over a window (see `cell_kernel.py`): each call computes one step, fused
 // (the recurrent product, the gate activations and the cell update in one pass), with the
-// kernel pre-packed once per window so that the product reads it as one contiguous stream, and
-// writes the step's row of the window's outputs in place. Two threads share a step: each keeps
+// kernel pre-packed once per window so that the product reads it as one contiguous stream. A
+// step writes its row of the window's outputs and the cell state (or its gradient) in place,
+// and reads h from the row before (the backward step: dh from the next step's dz), so that no
+// carry is copied from step to step; the backward step is one pass, its product and its
+// elementwise part for the same units done by one thread. Two threads share a step: each keeps
 // its half of the kernel's blocks from step to step (in its own core's cache) and then helps
 // with what is left.
 #include <algorithm>
@@ -22,14 +25,16 @@ namespace ffi = xla::ffi;
 
 struct ForwardArgs {
   int64_t hidden, batch;
-  const float *gate_inputs, *c, *h, *packed;  // the step's gate inputs [4, H * B], carry, kernel
-  float *c_out, *h_out, *gates, *cs, *hs;     // new carry; the step's rows of the outputs
+  const float *gate_inputs, *h, *packed;  // the step's gate inputs [4, H * B], h before, kernel
+  float *c, *gates, *cs, *hs;             // the cell state, in place; the step's output rows
 };
 
 struct BackwardArgs {
   int64_t hidden, batch;
-  const float *dc, *dh, *dh_out, *to_dc, *scale, *forget, *packed;
-  float *dc_out, *dh_prev, *dz;
+  // dz of the step after (null at the window's last step, which takes dh_last instead), and
+  // the step's rows of the window's arrays.
+  const float *dz_next, *dh_last, *dh_out, *to_dc, *scale, *forget, *packed;
+  float *dc, *dz;  // the cell gradient, in place; the step's row of dz
 };
 
 #pragma GCC push_options
@@ -148,20 +153,17 @@ class Workers {
 
 // One forward step: `gates` and `cs` are null when no gradient will be taken (inference).
 ffi::Error ForwardStep(int64_t t, const ffi::Buffer<ffi::F32>& gate_inputs,
-                       const ffi::Buffer<ffi::F32>& c, const ffi::Buffer<ffi::F32>& h,
-                       const ffi::Buffer<ffi::F32>& packed, float* c_out, float* h_out,
-                       float* gates, float* cs, float* hs, int64_t steps) {
+                       const ffi::Buffer<ffi::F32>& h0, const ffi::Buffer<ffi::F32>& packed,
+                       float* c, float* gates, float* cs, float* hs, int64_t steps) {
   const auto dims = packed.dimensions();  // [H / 4, H, 4, 4]
-  const int64_t hidden = dims[1], units = c.element_count();
+  const int64_t hidden = dims[1], units = h0.element_count();
   if (dims.size() != 4 || dims[0] * 4 != hidden || units % hidden != 0 || t < 0 || t >= steps)
     return ffi::Error::InvalidArgument("lstm_forward_step: inconsistent shapes or step");
   ForwardArgs a{hidden, units / hidden};
   a.gate_inputs = gate_inputs.typed_data() + t * 4 * units;
-  a.c = c.typed_data();
-  a.h = h.typed_data();
+  a.h = t == 0 ? h0.typed_data() : hs + (t - 1) * units;  // the previous step's output row
   a.packed = packed.typed_data();
-  a.c_out = c_out;
-  a.h_out = h_out;
+  a.c = c;
   a.gates = gates == nullptr ? nullptr : gates + t * 4 * units;
   a.cs = cs == nullptr ? nullptr : cs + t * units;
   a.hs = hs + t * units;
@@ -176,57 +178,44 @@ ffi::Error ForwardStep(int64_t t, const ffi::Buffer<ffi::F32>& gate_inputs,
 }
 
 ffi::Error Forward(ffi::Buffer<ffi::S32> step, ffi::Buffer<ffi::F32> gate_inputs,
-                   ffi::Buffer<ffi::F32> c, ffi::Buffer<ffi::F32> h, ffi::Buffer<ffi::F32> packed,
+                   ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> packed, ffi::Buffer<ffi::F32>,
                    ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
-                   ffi::ResultBuffer<ffi::F32> c_out, ffi::ResultBuffer<ffi::F32> h_out,
-                   ffi::ResultBuffer<ffi::F32> gates, ffi::ResultBuffer<ffi::F32> cs,
-                   ffi::ResultBuffer<ffi::F32> hs) {
-  return ForwardStep(step.typed_data()[0], gate_inputs, c, h, packed, c_out->typed_data(),
-                     h_out->typed_data(), gates->typed_data(), cs->typed_data(),
-                     hs->typed_data(), hs->dimensions()[0]);
-}
-
-ffi::Error Inference(ffi::Buffer<ffi::S32> step, ffi::Buffer<ffi::F32> gate_inputs,
-                     ffi::Buffer<ffi::F32> c, ffi::Buffer<ffi::F32> h,
-                     ffi::Buffer<ffi::F32> packed, ffi::Buffer<ffi::F32>,
-                     ffi::ResultBuffer<ffi::F32> c_out, ffi::ResultBuffer<ffi::F32> h_out,
-                     ffi::ResultBuffer<ffi::F32> hs) {
-  return ForwardStep(step.typed_data()[0], gate_inputs, c, h, packed, c_out->typed_data(),
-                     h_out->typed_data(), nullptr, nullptr, hs->typed_data(),
+                   ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> gates,
+                   ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hs) {
+  return ForwardStep(step.typed_data()[0], gate_inputs, h0, packed, c->typed_data(),
+                     gates->typed_data(), cs->typed_data(), hs->typed_data(),
                      hs->dimensions()[0]);
 }
 
-ffi::Error Backward(ffi::Buffer<ffi::S32> step, ffi::Buffer<ffi::F32> dc,
-                    ffi::Buffer<ffi::F32> dh, ffi::Buffer<ffi::F32> dh_out,
-                    ffi::Buffer<ffi::F32> to_dc, ffi::Buffer<ffi::F32> scale,
-                    ffi::Buffer<ffi::F32> forget, ffi::Buffer<ffi::F32> packed,
-                    ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32> dc_out,
-                    ffi::ResultBuffer<ffi::F32> dh_prev, ffi::ResultBuffer<ffi::F32> dz) {
+ffi::Error Inference(ffi::Buffer<ffi::S32> step, ffi::Buffer<ffi::F32> gate_inputs,
+                     ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> packed,
+                     ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32> c,
+                     ffi::ResultBuffer<ffi::F32> hs) {
+  return ForwardStep(step.typed_data()[0], gate_inputs, h0, packed, c->typed_data(), nullptr,
+                     nullptr, hs->typed_data(), hs->dimensions()[0]);
+}
+
+ffi::Error Backward(ffi::Buffer<ffi::S32> step, ffi::Buffer<ffi::F32> dh_last,
+                    ffi::Buffer<ffi::F32> dh_out, ffi::Buffer<ffi::F32> to_dc,
+                    ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> forget,
+                    ffi::Buffer<ffi::F32> packed, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
+                    ffi::ResultBuffer<ffi::F32> dc, ffi::ResultBuffer<ffi::F32> dz) {
   const auto dims = packed.dimensions();  // [H / 16, 4H, 16]
-  const int64_t hidden = dims[0] * 16, units = dc.element_count();
+  const int64_t hidden = dims[0] * 16, units = dh_last.element_count();
   const int64_t t = step.typed_data()[0], steps = dz->dimensions()[0];
   if (dims.size() != 3 || dims[1] != 4 * hidden || units % hidden != 0 || t < 0 || t >= steps)
     return ffi::Error::InvalidArgument("lstm_backward_step: inconsistent shapes or step");
   BackwardArgs a{hidden, units / hidden};
-  a.dc = dc.typed_data();
-  a.dh = dh.typed_data();
+  a.dz_next = t + 1 < steps ? dz->typed_data() + (t + 1) * 4 * units : nullptr;
+  a.dh_last = dh_last.typed_data();
   a.dh_out = dh_out.typed_data() + t * units;
   a.to_dc = to_dc.typed_data() + t * units;
   a.scale = scale.typed_data() + t * 4 * units;
   a.forget = forget.typed_data() + t * units;
   a.packed = packed.typed_data();
-  a.dc_out = dc_out->typed_data();
-  a.dh_prev = dh_prev->typed_data();
+  a.dc = dc->typed_data();
   a.dz = dz->typed_data() + t * 4 * units;
-  const int64_t blocks = hidden / 16;
-  Workers::Get().Run(blocks, [&a](int64_t block) {
-    switch (kIsa) {
-      case Isa::kAvx512: return avx512::backward_gates(a, block * 16, block * 16 + 16);
-      case Isa::kAvx2: return avx2::backward_gates(a, block * 16, block * 16 + 16);
-      default: return baseline::backward_gates(a, block * 16, block * 16 + 16);
-    }
-  });
-  Workers::Get().Run(blocks, [&a](int64_t block) {
+  Workers::Get().Run(hidden / 16, [&a](int64_t block) {
     switch (kIsa) {
       case Isa::kAvx512: return avx512::backward_columns(a, block);
       case Isa::kAvx2: return avx2::backward_columns(a, block);
@@ -235,6 +224,7 @@ ffi::Error Backward(ffi::Buffer<ffi::S32> step, ffi::Buffer<ffi::F32> dc,
   });
   return ffi::Error::Success();
 }
+
 
 // Buffers for the window's outputs, left unwritten: the steps write every entry before any is
 // read, so filling them with zeros first would only cost time.
@@ -248,14 +238,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForwardStep, Forward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()  // step t
                                   .Arg<F32>()                    // gate inputs [T, 4, H * B]
-                                  .Arg<F32>()                    // c [H * B]
-                                  .Arg<F32>()                    // h [H * B]
+                                  .Arg<F32>()                    // h before the window [H * B]
                                   .Arg<F32>()                    // packed kernel
+                                  .Arg<F32>()                    // c [H * B], aliased
                                   .Arg<F32>()                    // gates [T, 4, H * B], aliased
                                   .Arg<F32>()                    // cs [T, H * B], aliased
                                   .Arg<F32>()                    // hs [T, H * B], aliased
                                   .Ret<F32>()                    // c
-                                  .Ret<F32>()                    // h
                                   .Ret<F32>()                    // gates
                                   .Ret<F32>()                    // cs
                                   .Ret<F32>());                  // hs
@@ -264,27 +253,25 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmInferenceStep, Inference,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()  // step t
                                   .Arg<F32>()                    // gate inputs [T, 4, H * B]
-                                  .Arg<F32>()                    // c [H * B]
-                                  .Arg<F32>()                    // h [H * B]
+                                  .Arg<F32>()                    // h before the window [H * B]
                                   .Arg<F32>()                    // packed kernel
+                                  .Arg<F32>()                    // c [H * B], aliased
                                   .Arg<F32>()                    // hs [T, H * B], aliased
                                   .Ret<F32>()                    // c
-                                  .Ret<F32>()                    // h
                                   .Ret<F32>());                  // hs
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackwardStep, Backward,
                               ffi::Ffi::Bind()
                                   .Arg<ffi::Buffer<ffi::S32>>()  // step t
-                                  .Arg<F32>()                    // dc [H * B]
-                                  .Arg<F32>()                    // dh [H * B]
+                                  .Arg<F32>()                    // dh after the window [H * B]
                                   .Arg<F32>()                    // dh_out [T, H * B]
                                   .Arg<F32>()                    // to_dc [T, H * B]
                                   .Arg<F32>()                    // scale [T, 4, H * B]
                                   .Arg<F32>()                    // forget [T, H * B]
                                   .Arg<F32>()                    // packed kernel
+                                  .Arg<F32>()                    // dc [H * B], aliased
                                   .Arg<F32>()                    // dz [T, 4, H * B], aliased
                                   .Ret<F32>()                    // dc
-                                  .Ret<F32>()                    // dh
                                   .Ret<F32>());                  // dz
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Uninitialized, LeaveUnwritten,
