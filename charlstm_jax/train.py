@@ -420,7 +420,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
         nonlocal loss_sum, loss_count, nonfinite
         fold_pending()
         train_loss = loss_sum / loss_count if loss_count else float("nan")  # all skipped
-        valid_loss = float(jit_evaluate(state.params, valid_inputs, valid_targets, valid_carry))
+        valid_loss = float(run_evaluate(state.params, valid_inputs, valid_targets, valid_carry))
         metrics_writer.write(epoch, run, step, train_loss, valid_loss)
         logging.info(
             "Epoch %d/%d batch %d step %d | Training loss %.4f | Validation loss %.4f "
@@ -461,7 +461,18 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
             config.patience,
         )
     chars_per_step = batch_size * config.window
-    compiled = False  # the train step and the validation pass
+    if epoch <= config.epochs and stopped_early is None:
+        first = parallel.put((dataset.train_inputs[0], dataset.train_targets[0]), row_split)
+        building = time.perf_counter()
+        run_train_step = jit_train_step.lower(state, carry, *first, dropout_key).compile()
+        run_evaluate = jit_evaluate.lower(state.params, valid_inputs, valid_targets, valid_carry)
+        run_evaluate = run_evaluate.compile()
+        building = time.perf_counter() - building
+        logging.info("Built the train step and the validation pass in %.1f s.", building)
+        # Both programs are built before the first step, so freed memory is kept for reuse
+        # from here on, if the process asked for it (see `allocator`), what compilation freed
+        # having gone back to the system first.
+        allocator.programs_compiled()
     with _StopRequest() as stop:
 
         def stop_requested(at_log: bool) -> bool:
@@ -487,7 +498,7 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
                     (dataset.train_inputs[batch_index], dataset.train_targets[batch_index]),
                     row_split,
                 )
-                state, carry, metrics = jit_train_step(state, carry, inputs, targets, dropout_key)
+                state, carry, metrics = run_train_step(state, carry, inputs, targets, dropout_key)
                 pending.append(metrics)
                 # One step at a time: a step queued behind another allocates its ~140 MB of
                 # temporaries before the running one frees its own, and with freed memory kept
@@ -499,11 +510,6 @@ def _train_with(config, workdir: Path, dataset: data.Dataset, checkpoints) -> di
                 at_log = batch_index % config.validation_counts == 0 or batch_index == num_batches
                 if at_log:
                     log_validation(batch_index)
-                    # Both programs are built by the first validation: from here on freed
-                    # memory is kept for reuse, if the process asked for it (see `allocator`).
-                    if not compiled:
-                        allocator.programs_compiled()
-                        compiled = True
                     speed = (step - started_step) * chars_per_step / (time.perf_counter() - started)
                     metrics_writer.write_speed(step, speed)
                     bar.set_postfix(loss=f"{last['train_loss']:.3f}", chars_per_s=f"{speed:.0f}")
