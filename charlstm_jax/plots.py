@@ -1,16 +1,19 @@
 """Learning curves as a PNG: training and validation loss against step, epochs marked.
 
 Drawn on a bare `matplotlib.figure.Figure` (the Agg renderer, no pyplot and no global state), so
-it is safe inside training and on machines without a display.
+it is safe inside training and on machines without a display. matplotlib is imported when a
+picture is first drawn (about 0.4 s), not with this module, so that the scripts that never draw
+one (sampling, evaluation) start without it.
 """
 
+import importlib
 import math
 import os
 from pathlib import Path
 
-from matplotlib.figure import Figure
-
 from charlstm_jax.metrics import read_metrics
+
+_FIGURE_MODULE = "matplotlib.figure"
 
 LEARNING_CURVE_PNG = "learning_curve.png"
 
@@ -31,8 +34,9 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: str | Path) -> Path:
     and a dot the best validation loss. The PNG is replaced atomically: a process killed while
     drawing leaves the previous picture, never half of one.
     """
+    figure_module = importlib.import_module(_FIGURE_MODULE)
     path = Path(path)
-    figure = Figure(figsize=(9, 5), layout="constrained")
+    figure = figure_module.Figure(figsize=(9, 5), layout="constrained")
     axes = figure.add_subplot()
     for index, (label, rows) in enumerate(runs.items()):
         colour = f"C{index % 10}"  # matplotlib's default cycle of ten colours
