@@ -79,11 +79,12 @@ def uninitialized(shape: tuple[int, ...]) -> jax.Array:
 
 
 def window_buffers(steps: int, units: int, residuals: bool):
-    """The forward steps' outputs for a window: `(gates[T, 4, N], cs[T, N], hs[T, N])` with
-    `residuals` (for the backward pass), else `(hs,)`."""
+    """The forward steps' outputs for a window: with `residuals`, what the backward pass
+    reads, `(gate_scale[T, 4, N], dh_to_dc[T, N], forget[T, N], hs[T, N])` (see
+    `model._lstm_backward`), else `(hs,)`."""
     if not residuals:
         return (uninitialized((steps, units)),)
-    shapes = ((steps, 4, units), (steps, units), (steps, units))
+    shapes = ((steps, 4, units), (steps, units), (steps, units), (steps, units))
     return tuple(uninitialized(shape) for shape in shapes)
 
 
@@ -92,7 +93,7 @@ def forward_step(t, gate_inputs, h0, packed, c, buffers):
     from and the cell state `c`, returns the new `c` and `buffers` (`window_buffers`) with
     row `t` written. The step reads h from row `t - 1` of the window's `hs` (`h0` at step 0)
     and writes `c`, `buffers` in place: no carry is copied from step to step."""
-    target = "charlstm_lstm_forward_step" if len(buffers) == 3 else "charlstm_lstm_inference_step"
+    target = "charlstm_lstm_forward_step" if len(buffers) > 1 else "charlstm_lstm_inference_step"
     outputs = (c, *buffers)
     call = _call(
         target,

@@ -134,9 +134,10 @@ class LSTMCell(nn.Module):
 class KernelCell(nn.Module):
     """One time step of the recurrence as the compiled CPU kernel (`cell_kernel`), the same
     function as `LSTMCell`: `((c, buffers), t, gate_inputs[T, 4, H * B], h0, packed) ->
-    ((c, buffers), None)`, where `buffers` are the window's gates, cell states and `h`
-    (`cell_kernel.window_buffers`), whose row `t` the step writes in place; h before step `t`
-    is row `t - 1` of the window's `h` (`h0`, the carry's, at step 0)."""
+    ((c, buffers), None)`, where `buffers` are the window's `h` and, when a gradient will be
+    taken, the factors the backward pass reads (`cell_kernel.window_buffers`), whose row `t`
+    the step writes in place; h before step `t` is row `t - 1` of the window's `h` (`h0`, the
+    carry's, at step 0)."""
 
     @nn.compact
     def __call__(self, state, t, gate_inputs: jax.Array, h0: jax.Array, packed: jax.Array):
@@ -188,26 +189,31 @@ project.defvjp(_project_forward, _project_backward)
 def _lstm_backward(residuals, cotangents, unroll: int = 1, compiled: bool = False):
     """Backward pass of a window of LSTM steps, on feature-major arrays.
 
-    residuals: `recurrent_kernel[H, 4H]`, the initial carry, `gates[T, 4, H * B]`
-    (activations), `cs[T, H * B]` and `hs[T, H * B]`. cotangents: of the final carry and of
-    `hs`. Returns the cotangents of the kernel, of the initial carry and of `gate_inputs`.
-    With `compiled`, the backward scan's step is the compiled CPU kernel (`cell_kernel`).
+    residuals: `recurrent_kernel[H, 4H]`, the initial carry, what the forward pass saved and
+    `hs[T, H * B]`. cotangents: of the final carry and of `hs`. Returns the cotangents of the
+    kernel, of the initial carry and of `gate_inputs`. The forward pass saves `gates[T, 4, H *
+    B]` (activations) and `cs[T, H * B]`; with `compiled`, the compiled kernel's forward steps
+    saved the factors computed from them below instead, and its backward steps run the scan.
     """
-    kernel, (c0, h0), gates, cs, hs = residuals
+    kernel, (c0, h0), saved, hs = residuals
     (dc_last, dh_last), dhs = cotangents
-    hidden, steps = kernel.shape[0], gates.shape[0]
-    c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
+    hidden, steps = kernel.shape[0], hs.shape[0]
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
     # Everything that does not depend on the recurrence, for all steps at once (outside the
     # loop, where it vectorises): with dc and dh of a step, its gate gradient is
     # dz = [dc, dc, dc, dh] * gate_scale, and dc gains dh * dh_to_dc.
-    i, f, g, o = gates[:, 0], gates[:, 1], gates[:, 2], gates[:, 3]
-    tanh_c = jnp.tanh(cs)
-    dh_to_dc = o * (1.0 - tanh_c * tanh_c)
-    gate_scale = jnp.stack(
-        [g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g), tanh_c * o * (1.0 - o)],
-        axis=1,
-    )
+    if compiled:
+        gate_scale, dh_to_dc, f = saved
+    else:
+        gates, cs = saved
+        c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
+        i, f, g, o = gates[:, 0], gates[:, 1], gates[:, 2], gates[:, 3]
+        tanh_c = jnp.tanh(cs)
+        dh_to_dc = o * (1.0 - tanh_c * tanh_c)
+        gate_scale = jnp.stack(
+            [g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g), tanh_c * o * (1.0 - o)],
+            axis=1,
+        )
 
     def step(carry, xs):
         dc, dh_next = carry
@@ -226,7 +232,7 @@ def _lstm_backward(residuals, cotangents, unroll: int = 1, compiled: bool = Fals
     if compiled:
         packed = cell_kernel.pack_backward(kernel)
         times = jnp.arange(steps, dtype=jnp.int32)
-        state = (dc_last, cell_kernel.uninitialized(gates.shape))
+        state = (dc_last, cell_kernel.uninitialized(gate_scale.shape))
         (dc0, dzs), _ = jax.lax.scan(compiled_step, state, times, reverse=True)
         # The gradient reaching h0: the steps took each dh from the step after's dz.
         dh0 = (kernel @ dzs[0].reshape(4 * hidden, -1)).reshape(-1)
@@ -292,19 +298,22 @@ class Recurrence(nn.Module):
             )(self.product_dtype, name="step")
 
         def window(mdl, carry, gate_inputs, output_mask, kernel, residuals=True):
-            """`(final carry, (outs, hs, gates, cs))` of the window; without `residuals` (no
-            gradient taken), the compiled steps write neither gates nor cs (both None)."""
+            """`(final carry, (outs, hs, saved))` of the window, `saved` what `_lstm_backward`
+            reads; without `residuals` (no gradient taken), the compiled steps save nothing."""
             if not compiled:
-                return mdl(carry, gate_inputs, output_mask, transposed(kernel))
+                final, (outs, hs, gates, cs) = mdl(
+                    carry, gate_inputs, output_mask, transposed(kernel)
+                )
+                return final, (outs, hs, (gates, cs))
             steps, units = gate_inputs.shape[0], gate_inputs.shape[-1]
             c0, h0 = carry
             state = (c0, cell_kernel.window_buffers(steps, units, residuals))
             times = jnp.arange(steps, dtype=jnp.int32)
             packed = cell_kernel.pack_forward(kernel)
             (c, buffers), _ = mdl(state, times, gate_inputs, h0, packed)
-            gates, cs, hs = buffers if residuals else (None, None, *buffers)
+            *saved, hs = buffers
             outs = hs if output_mask is None else hs * output_mask
-            return (c, hs[-1]), (outs, hs, gates, cs)
+            return (c, hs[-1]), (outs, hs, tuple(saved))
 
         def run(mdl, carry, gate_inputs, output_mask, kernel):
             carry, (outs, *_) = window(mdl, carry, gate_inputs, output_mask, kernel, False)
@@ -314,8 +323,8 @@ class Recurrence(nn.Module):
             return run(step, carry, gate_inputs, output_mask, kernel)
 
         def forward(mdl, carry, gate_inputs, output_mask, kernel):
-            final, (outs, hs, gates, cs) = window(mdl, carry, gate_inputs, output_mask, kernel)
-            return (final, outs), (kernel, carry, gates, cs, hs, output_mask)
+            final, (outs, hs, saved) = window(mdl, carry, gate_inputs, output_mask, kernel)
+            return (final, outs), (kernel, carry, saved, hs, output_mask)
 
         def backward(residuals, cotangents):
             *residuals, output_mask = residuals

@@ -26,7 +26,9 @@ namespace ffi = xla::ffi;
 struct ForwardArgs {
   int64_t hidden, batch;
   const float *gate_inputs, *h, *packed;  // the step's gate inputs [4, H * B], h before, kernel
-  float *c, *gates, *cs, *hs;             // the cell state, in place; the step's output rows
+  // The cell state, in place; the step's rows of the outputs: the backward pass's factors
+  // (null when no gradient will be taken) and h.
+  float *c, *scale, *to_dc, *forget, *hs;
 };
 
 struct BackwardArgs {
@@ -151,10 +153,11 @@ class Workers {
   int64_t n_ = 0, parts_ = 1;
 };
 
-// One forward step: `gates` and `cs` are null when no gradient will be taken (inference).
+// One forward step: `scale`, `to_dc` and `forget` are null when no gradient will be taken.
 ffi::Error ForwardStep(int64_t t, const ffi::Buffer<ffi::F32>& gate_inputs,
                        const ffi::Buffer<ffi::F32>& h0, const ffi::Buffer<ffi::F32>& packed,
-                       float* c, float* gates, float* cs, float* hs, int64_t steps) {
+                       float* c, float* scale, float* to_dc, float* forget, float* hs,
+                       int64_t steps) {
   const auto dims = packed.dimensions();  // [H / 4, H, 4, 4]
   const int64_t hidden = dims[1], units = h0.element_count();
   if (dims.size() != 4 || dims[0] * 4 != hidden || units % hidden != 0 || t < 0 || t >= steps)
@@ -164,8 +167,9 @@ ffi::Error ForwardStep(int64_t t, const ffi::Buffer<ffi::F32>& gate_inputs,
   a.h = t == 0 ? h0.typed_data() : hs + (t - 1) * units;  // the previous step's output row
   a.packed = packed.typed_data();
   a.c = c;
-  a.gates = gates == nullptr ? nullptr : gates + t * 4 * units;
-  a.cs = cs == nullptr ? nullptr : cs + t * units;
+  a.scale = scale == nullptr ? nullptr : scale + t * 4 * units;
+  a.to_dc = to_dc == nullptr ? nullptr : to_dc + t * units;
+  a.forget = forget == nullptr ? nullptr : forget + t * units;
   a.hs = hs + t * units;
   Workers::Get().Run(hidden / 4, [&a](int64_t block) {
     switch (kIsa) {
@@ -180,11 +184,12 @@ ffi::Error ForwardStep(int64_t t, const ffi::Buffer<ffi::F32>& gate_inputs,
 ffi::Error Forward(ffi::Buffer<ffi::S32> step, ffi::Buffer<ffi::F32> gate_inputs,
                    ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> packed, ffi::Buffer<ffi::F32>,
                    ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>,
-                   ffi::ResultBuffer<ffi::F32> c, ffi::ResultBuffer<ffi::F32> gates,
-                   ffi::ResultBuffer<ffi::F32> cs, ffi::ResultBuffer<ffi::F32> hs) {
+                   ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32> c,
+                   ffi::ResultBuffer<ffi::F32> scale, ffi::ResultBuffer<ffi::F32> to_dc,
+                   ffi::ResultBuffer<ffi::F32> forget, ffi::ResultBuffer<ffi::F32> hs) {
   return ForwardStep(step.typed_data()[0], gate_inputs, h0, packed, c->typed_data(),
-                     gates->typed_data(), cs->typed_data(), hs->typed_data(),
-                     hs->dimensions()[0]);
+                     scale->typed_data(), to_dc->typed_data(), forget->typed_data(),
+                     hs->typed_data(), hs->dimensions()[0]);
 }
 
 ffi::Error Inference(ffi::Buffer<ffi::S32> step, ffi::Buffer<ffi::F32> gate_inputs,
@@ -192,7 +197,7 @@ ffi::Error Inference(ffi::Buffer<ffi::S32> step, ffi::Buffer<ffi::F32> gate_inpu
                      ffi::Buffer<ffi::F32>, ffi::Buffer<ffi::F32>, ffi::ResultBuffer<ffi::F32> c,
                      ffi::ResultBuffer<ffi::F32> hs) {
   return ForwardStep(step.typed_data()[0], gate_inputs, h0, packed, c->typed_data(), nullptr,
-                     nullptr, hs->typed_data(), hs->dimensions()[0]);
+                     nullptr, nullptr, hs->typed_data(), hs->dimensions()[0]);
 }
 
 ffi::Error Backward(ffi::Buffer<ffi::S32> step, ffi::Buffer<ffi::F32> dh_last,
@@ -241,12 +246,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForwardStep, Forward,
                                   .Arg<F32>()                    // h before the window [H * B]
                                   .Arg<F32>()                    // packed kernel
                                   .Arg<F32>()                    // c [H * B], aliased
-                                  .Arg<F32>()                    // gates [T, 4, H * B], aliased
-                                  .Arg<F32>()                    // cs [T, H * B], aliased
+                                  .Arg<F32>()                    // scale [T, 4, H * B], aliased
+                                  .Arg<F32>()                    // to_dc [T, H * B], aliased
+                                  .Arg<F32>()                    // forget [T, H * B], aliased
                                   .Arg<F32>()                    // hs [T, H * B], aliased
                                   .Ret<F32>()                    // c
-                                  .Ret<F32>()                    // gates
-                                  .Ret<F32>()                    // cs
+                                  .Ret<F32>()                    // scale
+                                  .Ret<F32>()                    // to_dc
+                                  .Ret<F32>()                    // forget
                                   .Ret<F32>());                  // hs
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmInferenceStep, Inference,
