@@ -145,12 +145,21 @@ def floor_seconds(flops: dict, ceiling: dict) -> float:
     return sum(flops[kind] / (ceiling[f"{kind}_gflops"] * 1e9) for kind in flops if kind != "total")
 
 
+def large_floor_seconds(flops: dict, ceiling: dict) -> float:
+    """The step's time if every product, thin ones too, ran at the large product's rate: the
+    stricter floor once the thin products beat XLA's (our cell kernel runs them)."""
+    return flops["total"] / (ceiling["large_gflops"] * 1e9)
+
+
 class Ours:
     """Our jitted train step and validation pass at one configuration."""
 
-    def __init__(self, hidden: int, batch: int, window: int, layers: int = 2):
+    def __init__(
+        self, hidden: int, batch: int, window: int, layers: int = 2, cell_kernel: bool = True
+    ):
         config = get_config()
         config.update(hidden_size=hidden, batch_size=batch, window=window, num_layers=layers)
+        config.cell_kernel = cell_kernel
         self.config = config
         self.state = train.create_train_state(config, VOCAB_SIZE, jax.random.key(0))
         self.model = train.create_model(config, VOCAB_SIZE)
@@ -200,20 +209,31 @@ class Reference:
         reference_validation_loss(self.model, self.valid, self.valid)
 
 
-def compare(hidden: int, batch: int, window: int, steps: int, warmup: int = 2) -> dict:
-    """Alternate our step and the reference's; medians in seconds and chars/s."""
+def compare(
+    hidden: int, batch: int, window: int, steps: int, warmup: int = 2, xla_path: bool = False
+) -> dict:
+    """Alternate our step and the reference's; medians in seconds and chars/s. With
+    `xla_path`, also ours without the compiled cell kernel (`config.cell_kernel=False`)."""
     ours, reference = Ours(hidden, batch, window), Reference(hidden, batch, window)
     start = time.perf_counter()
     ours.step()
     compile_s = time.perf_counter() - start
+    runners = {"ours": ours.step, "reference": reference.step}
+    if xla_path:
+        runners["ours_xla_path"] = Ours(hidden, batch, window, cell_kernel=False).step
     for _ in range(warmup):
-        ours.step()
-        reference.step()
+        for run in runners.values():
+            run()
     allocator.programs_compiled()  # as the train loop does once its programs are built
-    medians = alternate({"ours": ours.step, "reference": reference.step}, steps)
+    medians = alternate(runners, steps)
     ours_s, reference_s = medians["ours"], medians["reference"]
     chars = batch * window
+    xla = {}
+    if xla_path:
+        xla = {"ours_xla_path_step_s": medians["ours_xla_path"]}
+        xla["cell_kernel_speedup"] = medians["ours_xla_path"] / ours_s
     return {
+        **xla,
         "hidden": hidden,
         "batch": batch,
         "ours_step_s": ours_s,
@@ -418,10 +438,11 @@ def main():
     allocation = "our allocator setting" if ALLOCATOR_TUNED else "glibc's default allocator"
     print(f"Training step at the reference configuration on {hardware}; both with {allocation}")
     ceiling = matmul_ceiling(16, 100, 512)  # first: torch's idle threads would slow it
-    main_result = compare(512, 16, 100, args.steps)
+    main_result = compare(512, 16, 100, args.steps, xla_path=True)
     ours, reference = main_result.pop("_runners")
     flops = step_flops(16, 100, 512, 2, VOCAB_SIZE)
     floor_s = floor_seconds(flops, ceiling)
+    large_floor_s = large_floor_seconds(flops, ceiling)
     validation = validation_cost(ours, reference, repeats=5)
     figures = {
         "hardware": hardware,
@@ -434,6 +455,9 @@ def main():
         "floor_step_s": floor_s,
         "fraction_of_floor": floor_s / main_result["ours_step_s"],
         "reference_fraction_of_floor": floor_s / main_result["reference_step_s"],
+        "large_floor_step_s": large_floor_s,
+        "fraction_of_large_floor": large_floor_s / main_result["ours_step_s"],
+        "reference_fraction_of_large_floor": large_floor_s / main_result["reference_step_s"],
         "validation_s": validation,
         "validation_speedup": validation["reference"] / validation["ours"],
     }
@@ -441,6 +465,8 @@ def main():
     print(_row("", "step (s)", "chars/s", "x ref"))
     print(_row("reference (PyTorch)", r["reference_step_s"], r["reference_chars_per_s"], 1.0))
     print(_row("charlstm-jax", r["ours_step_s"], r["ours_chars_per_s"], r["speedup"]))
+    xla_s = r["ours_xla_path_step_s"]
+    print(_row("  XLA path (no kernel)", xla_s, 16 * 100 / xla_s, r["reference_step_s"] / xla_s))
     print(f"first call (compile): {r['compile_s']:.1f} s")
     print(
         f"{flops['total'] / 1e9:.1f} GFLOP per step, ours at {figures['ours_gflops']:.1f} "
@@ -449,6 +475,11 @@ def main():
         f"GFLOP/s -> floor {floor_s:.3f} s/step; ours reaches "
         f"{figures['fraction_of_floor']:.0%} of the floor's speed, the reference "
         f"{figures['reference_fraction_of_floor']:.0%}"
+    )
+    print(
+        f"every product at the large one's rate -> floor {large_floor_s:.3f} s/step; ours "
+        f"reaches {figures['fraction_of_large_floor']:.0%} of it, the reference "
+        f"{figures['reference_fraction_of_large_floor']:.0%}"
     )
     print(
         f"validation pass (10 windows of 16 x 100): ours {validation['ours']:.2f} s, "

@@ -17,8 +17,10 @@ input product is taken out of the time loop (one large product for all steps; fo
 layer the one-hot product is a row gather), so the scanned cell only does the recurrent
 product. Its backward pass is written by hand: the backward scan carries only `(dh, dc)` and
 emits each step's gate gradient, and the recurrent-weight gradient is one large product after
-the loop, instead of autodiff's thin per-step accumulation. The model's inputs and outputs keep
-the usual batch-major shapes.
+the loop, instead of autodiff's thin per-step accumulation. On the CPU, the scanned step itself,
+forward and backward, is a compiled kernel (`cell_kernel`, on by default where it is built:
+`cell_kernel=True`), the same function as the XLA operations it replaces. The model's inputs
+and outputs keep the usual batch-major shapes.
 
 Dropout masks are drawn per row, from `fold_in(key, row)`: a row's mask is the same however the
 rows are split over devices (`batch_axis` names the `shard_map` axis that splits them).
