@@ -188,60 +188,67 @@ def _project_backward(residuals, d_out):
 project.defvjp(_project_forward, _project_backward)
 
 
+def _backward_factors(c0, gates, cs):
+    """What the backward pass needs of the forward pass, from its `gates[T, 4, H * B]` and
+    `cs[T, H * B]`: `(gate_scale[T, 4, H * B], dh_to_dc[T, H * B], forget[T, H * B])`.
+
+    All that does not depend on the recurrence, for all steps at once (outside the loop, where
+    it vectorises): with dc and dh of a step, its gate gradient is
+    dz = [dc, dc, dc, dh] * gate_scale, dc gains dh * dh_to_dc, and dc * forget goes back a
+    step. The compiled kernel's forward steps save these three instead of the gates and cs.
+    """
+    c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
+    i, f, g, o = gates[:, 0], gates[:, 1], gates[:, 2], gates[:, 3]
+    tanh_c = jnp.tanh(cs)
+    dh_to_dc = o * (1.0 - tanh_c * tanh_c)
+    gate_scale = jnp.stack(
+        [g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g), tanh_c * o * (1.0 - o)],
+        axis=1,
+    )
+    return gate_scale, dh_to_dc, f
+
+
 def _lstm_backward(residuals, cotangents, unroll: int = 1, compiled: bool = False):
     """Backward pass of a window of LSTM steps, on feature-major arrays.
 
     residuals: `recurrent_kernel[H, 4H]`, the initial carry, what the forward pass saved and
     `hs[T, H * B]`. cotangents: of the final carry and of `hs`. Returns the cotangents of the
-    kernel, of the initial carry and of `gate_inputs`. The forward pass saves `gates[T, 4, H *
-    B]` (activations) and `cs[T, H * B]`; with `compiled`, the compiled kernel's forward steps
-    saved the factors computed from them below instead, and its backward steps run the scan.
+    kernel, of the initial carry and of `gate_inputs`. The forward pass saves `(gates, cs)`;
+    with `compiled`, the compiled kernel's forward steps saved `_backward_factors` of them
+    instead, and its backward steps run the scan.
     """
     kernel, (c0, h0), saved, hs = residuals
     (dc_last, dh_last), dhs = cotangents
     hidden, steps = kernel.shape[0], hs.shape[0]
     h_prev = jnp.concatenate([h0[None], hs[:-1]], axis=0)
-    # Everything that does not depend on the recurrence, for all steps at once (outside the
-    # loop, where it vectorises): with dc and dh of a step, its gate gradient is
-    # dz = [dc, dc, dc, dh] * gate_scale, and dc gains dh * dh_to_dc.
     if compiled:
-        gate_scale, dh_to_dc, f = saved
-    else:
-        gates, cs = saved
-        c_prev = jnp.concatenate([c0[None], cs[:-1]], axis=0)
-        i, f, g, o = gates[:, 0], gates[:, 1], gates[:, 2], gates[:, 3]
-        tanh_c = jnp.tanh(cs)
-        dh_to_dc = o * (1.0 - tanh_c * tanh_c)
-        gate_scale = jnp.stack(
-            [g * i * (1.0 - i), c_prev * f * (1.0 - f), i * (1.0 - g * g), tanh_c * o * (1.0 - o)],
-            axis=1,
-        )
-
-    def step(carry, xs):
-        dc, dh_next = carry
-        dh_out, to_dc, scale, forget = xs
-        dh = dh_next + dh_out
-        dc = dc + dh * to_dc
-        dz = jnp.stack([dc, dc, dc, dh]) * scale
-        dh_prev = kernel @ dz.reshape(4 * hidden, -1)  # [H, B]
-        return (dc * forget, dh_prev.reshape(-1)), dz
-
-    def compiled_step(state, t):  # the same step, dc and the window's dzs in place
-        dc, dzs = state
-        args = (dh_last, dhs, dh_to_dc, gate_scale, f, packed, dc, dzs)
-        return cell_kernel.backward_step(t, *args), None
-
-    if compiled:
+        gate_scale, dh_to_dc, forget = saved
         packed = cell_kernel.pack_backward(kernel)
+
+        def compiled_step(state, t):  # the step below, dc and the window's dzs in place
+            dc, dzs = state
+            args = (dh_last, dhs, dh_to_dc, gate_scale, forget, packed, dc, dzs)
+            return cell_kernel.backward_step(t, *args), None
+
         times = jnp.arange(steps, dtype=jnp.int32)
         state = (dc_last, cell_kernel.uninitialized(gate_scale.shape))
         (dc0, dzs), _ = jax.lax.scan(compiled_step, state, times, reverse=True)
         # The gradient reaching h0: the steps took each dh from the step after's dz.
         dh0 = (kernel @ dzs[0].reshape(4 * hidden, -1)).reshape(-1)
     else:
-        (dc0, dh0), dzs = jax.lax.scan(
-            step, (dc_last, dh_last), (dhs, dh_to_dc, gate_scale, f), reverse=True, unroll=unroll
-        )
+        gate_scale, dh_to_dc, forget = _backward_factors(c0, *saved)
+
+        def step(carry, xs):
+            dc, dh_next = carry
+            dh_out, to_dc, scale, forget = xs
+            dh = dh_next + dh_out
+            dc = dc + dh * to_dc
+            dz = jnp.stack([dc, dc, dc, dh]) * scale
+            dh_prev = kernel @ dz.reshape(4 * hidden, -1)  # [H, B]
+            return (dc * forget, dh_prev.reshape(-1)), dz
+
+        xs = (dhs, dh_to_dc, gate_scale, forget)
+        (dc0, dh0), dzs = jax.lax.scan(step, (dc_last, dh_last), xs, reverse=True, unroll=unroll)
     # The recurrent-weight gradient as one large product over all steps and rows:
     # [H, T * B] @ [T * B, 4H].
     batch = hs.shape[-1] // hidden

@@ -6,14 +6,11 @@ picture is first drawn (about 0.4 s), not with this module, so that the scripts 
 one (sampling, evaluation) start without it.
 """
 
-import importlib
 import math
 import os
 from pathlib import Path
 
 from charlstm_jax.metrics import read_metrics
-
-_FIGURE_MODULE = "matplotlib.figure"
 
 LEARNING_CURVE_PNG = "learning_curve.png"
 
@@ -34,9 +31,10 @@ def plot_learning_curves(runs: dict[str, list[dict]], path: str | Path) -> Path:
     and a dot the best validation loss. The PNG is replaced atomically: a process killed while
     drawing leaves the previous picture, never half of one.
     """
-    figure_module = importlib.import_module(_FIGURE_MODULE)
+    from matplotlib.figure import Figure  # here, not at the top: see the module docstring
+
     path = Path(path)
-    figure = figure_module.Figure(figsize=(9, 5), layout="constrained")
+    figure = Figure(figsize=(9, 5), layout="constrained")
     axes = figure.add_subplot()
     for index, (label, rows) in enumerate(runs.items()):
         colour = f"C{index % 10}"  # matplotlib's default cycle of ten colours

@@ -153,6 +153,17 @@ class Workers {
   int64_t n_ = 0, parts_ = 1;
 };
 
+// Runs `columns(a, block)` for every block on the workers, in this CPU's build of the step.
+template <typename Args>
+void RunBlocks(int64_t blocks, const Args& a, void (*avx512_columns)(const Args&, int64_t),
+               void (*avx2_columns)(const Args&, int64_t),
+               void (*baseline_columns)(const Args&, int64_t)) {
+  const auto columns = kIsa == Isa::kAvx512 ? avx512_columns
+                       : kIsa == Isa::kAvx2 ? avx2_columns
+                                            : baseline_columns;
+  Workers::Get().Run(blocks, [&a, columns](int64_t block) { columns(a, block); });
+}
+
 // One forward step: `scale`, `to_dc` and `forget` are null when no gradient will be taken.
 ffi::Error ForwardStep(int64_t t, const ffi::Buffer<ffi::F32>& gate_inputs,
                        const ffi::Buffer<ffi::F32>& h0, const ffi::Buffer<ffi::F32>& packed,
@@ -171,13 +182,8 @@ ffi::Error ForwardStep(int64_t t, const ffi::Buffer<ffi::F32>& gate_inputs,
   a.to_dc = to_dc == nullptr ? nullptr : to_dc + t * units;
   a.forget = forget == nullptr ? nullptr : forget + t * units;
   a.hs = hs + t * units;
-  Workers::Get().Run(hidden / 4, [&a](int64_t block) {
-    switch (kIsa) {
-      case Isa::kAvx512: return avx512::forward_columns(a, block);
-      case Isa::kAvx2: return avx2::forward_columns(a, block);
-      default: return baseline::forward_columns(a, block);
-    }
-  });
+  RunBlocks(hidden / 4, a, avx512::forward_columns, avx2::forward_columns,
+            baseline::forward_columns);
   return ffi::Error::Success();
 }
 
@@ -220,16 +226,10 @@ ffi::Error Backward(ffi::Buffer<ffi::S32> step, ffi::Buffer<ffi::F32> dh_last,
   a.packed = packed.typed_data();
   a.dc = dc->typed_data();
   a.dz = dz->typed_data() + t * 4 * units;
-  Workers::Get().Run(hidden / 16, [&a](int64_t block) {
-    switch (kIsa) {
-      case Isa::kAvx512: return avx512::backward_columns(a, block);
-      case Isa::kAvx2: return avx2::backward_columns(a, block);
-      default: return baseline::backward_columns(a, block);
-    }
-  });
+  RunBlocks(hidden / 16, a, avx512::backward_columns, avx2::backward_columns,
+            baseline::backward_columns);
   return ffi::Error::Success();
 }
-
 
 // Buffers for the window's outputs, left unwritten: the steps write every entry before any is
 // read, so filling them with zeros first would only cost time.
